@@ -1,0 +1,177 @@
+"""The one small interface every descriptor family implements.
+
+An extractor is a *stage* in the NeMo-Curator sense: it declares what it
+needs (frames at some fps and size, audio at some rate, the outputs of other
+extractors) and what it produces, loads its models once per worker in
+``setup``, turns one video into arrays in ``process`` and frees resources in
+``teardown``. The orchestrator reads the declarations to decode each video
+once per sampling, to order dependent extractors and to place GPU stages on
+GPU workers; extractors never open files or shards themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from pipelines.config import config_from_mapping, to_plain
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """How frames are sampled for an extractor.
+
+    ``fps`` is an upper bound: frames are dropped to reach it, never
+    duplicated. ``size`` is (width, height); ``short_side`` keeps the aspect
+    ratio instead. ``None`` means the video's own value.
+    """
+
+    fps: float | None = None
+    size: tuple[int, int] | None = None
+    short_side: int | None = None
+
+
+@dataclass(frozen=True)
+class AudioSpec:
+    """Mono audio resampled to ``rate`` Hz."""
+
+    rate: int = 16000
+
+
+@dataclass(frozen=True)
+class Needs:
+    frames: FrameSpec | None = None
+    audio: AudioSpec | None = None
+    inputs: tuple[str, ...] = ()  # names of extractors whose results this one reads
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Shape (``None`` for a variable axis) and dtype of one produced array."""
+
+    shape: tuple[int | None, ...]
+    dtype: str
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one instance occupies; GPU stages are routed to GPU workers."""
+
+    cpus: int = 1
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class FrameBatch:
+    frames: np.ndarray  # (n, height, width, 3) uint8 RGB
+    timestamps: np.ndarray  # (n,) float64 seconds
+
+
+@dataclass(frozen=True)
+class AudioTrack:
+    samples: np.ndarray  # (n,) float32 mono in [-1, 1]
+    rate: int
+
+
+class VideoInput(Protocol):
+    """What ``process`` sees of a video; implemented by ``pipelines.decode``."""
+
+    video_id: str
+    path: str
+
+    def frames(self, spec: FrameSpec, chunk: int = 32) -> Iterator[FrameBatch]:
+        """Frames in order, ``chunk`` at a time, so a long video never sits in memory."""
+        ...
+
+    def audio(self, spec: AudioSpec) -> AudioTrack | None:
+        """The whole mono track, or ``None`` when the file has no audio stream."""
+        ...
+
+
+@dataclass
+class Result:
+    """One extractor's output for one video.
+
+    ``flags`` mark a *legitimate absence* (``no_audio``, ``no_boxes``): the
+    video is fine but the modality is missing, so the trainer masks the
+    stream instead of regressing it towards zeros. A flagged result may carry
+    no arrays at all.
+    """
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    flags: dict[str, str] = field(default_factory=dict)  # flag -> human reason
+    attrs: dict[str, Any] = field(default_factory=dict)  # extra provenance
+
+
+class Extractor(ABC):
+    """Base class; subclasses set ``version`` and ``Config`` and register themselves.
+
+    ``version`` is bumped whenever a change alters the numbers produced, so
+    cached results made by older code are recomputed rather than mixed in.
+    """
+
+    name: ClassVar[str]  # set by the registry
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type]  # a dataclass of plain typed fields
+    resources: ClassVar[Resources] = Resources()
+
+    def __init__(self, config: Any | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Extractor:
+        """Builds from a ``key: value`` mapping; unknown keys name the extractor."""
+        return cls(config_from_mapping(cls.Config, options, where=f"options.{cls.name}"))
+
+    @property
+    def config_hash(self) -> str:
+        payload = json.dumps(
+            {"version": self.version, "config": to_plain(self.config)}, sort_keys=True
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def cache_key(self, video_id: str) -> str:
+        """Extractor name + version + config hash + video id: equal keys, equal results."""
+        return f"{self.name}/{self.version}/{self.config_hash}/{video_id}"
+
+    def provenance(self) -> dict[str, Any]:
+        needs = self.needs()
+        prov: dict[str, Any] = {
+            "extractor": self.name,
+            "version": self.version,
+            "config_hash": self.config_hash,
+            "config": json.dumps(to_plain(self.config), sort_keys=True),
+        }
+        if needs.frames is not None:
+            prov.update(
+                {
+                    f"frames_{k}": v if v is not None else "native"
+                    for k, v in dataclasses.asdict(needs.frames).items()
+                }
+            )
+        if needs.audio is not None:
+            prov["audio_rate"] = needs.audio.rate
+        return prov
+
+    @abstractmethod
+    def needs(self) -> Needs: ...
+
+    @abstractmethod
+    def produces(self) -> dict[str, OutputSpec]: ...
+
+    def setup(self) -> None:
+        """Loads models; called once per worker process, not once per video."""
+
+    @abstractmethod
+    def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result: ...
+
+    def teardown(self) -> None:
+        """Frees what ``setup`` took."""

@@ -1,0 +1,210 @@
+"""Streaming decode with PyAV.
+
+Frames are sampled to the requested fps and size while decoding, so memory
+holds one chunk, never the whole video. Every way a file can be unusable
+(missing, empty, corrupt, truncated, no video stream) becomes a
+``VideoError`` that names the file, so the orchestrator can record it in the
+ledger and move on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from extractors.base import AudioSpec, AudioTrack, FrameBatch, FrameSpec
+from pipelines.errors import (
+    CorruptVideoError,
+    EmptyVideoError,
+    MissingVideoError,
+    NoVideoStreamError,
+    TruncatedVideoError,
+)
+
+# A stream that stops before this share of its declared duration is truncated.
+# Containers often declare a few frames more than they hold, hence the slack.
+TRUNCATION_TOLERANCE = 0.9
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: str
+    width: int
+    height: int
+    fps: float
+    duration: float | None  # seconds, as declared by the container
+    has_audio: bool
+
+
+def _open(path: str) -> av.container.InputContainer:
+    if not os.path.exists(path):
+        raise MissingVideoError(path)
+    if os.path.getsize(path) == 0:
+        raise EmptyVideoError(path)
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except av.FFmpegError as exc:
+        raise CorruptVideoError(path, str(exc)) from None
+
+
+def _duration(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Reads the header only; cheap enough to call on every video of a dataset."""
+    path = str(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            raise NoVideoStreamError(path)
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        return VideoInfo(
+            path=path,
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            fps=float(rate),
+            duration=_duration(container, stream),
+            has_audio=bool(container.streams.audio),
+        )
+
+
+def output_size(spec: FrameSpec, width: int, height: int) -> tuple[int, int]:
+    """(width, height) after resizing; sizes are kept even for chroma-subsampled codecs."""
+    if spec.size is not None:
+        return spec.size
+    if spec.short_side is not None:
+        scale = spec.short_side / min(width, height)
+        return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+    return width, height
+
+
+def iter_frames(path: str | Path, spec: FrameSpec, chunk: int = 32) -> Iterator[FrameBatch]:
+    """Yields RGB frames sampled at ``spec`` in chunks of at most ``chunk``.
+
+    Sampling keeps the first frame at or after each target time k/fps, so
+    frames are dropped to reach the rate but never duplicated. Resizing is
+    done by swscale on the kept frames only.
+    """
+    path = str(path)
+    container = _open(path)
+    try:
+        if not container.streams.video:
+            raise NoVideoStreamError(path)
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        declared = _duration(container, stream)
+        width, height = output_size(spec, stream.codec_context.width, stream.codec_context.height)
+        step = 1.0 / spec.fps if spec.fps else 0.0
+        next_time = None
+        frames: list[np.ndarray] = []
+        stamps: list[float] = []
+        last_time = None
+        native_period = 1.0 / float(stream.average_rate or 25)
+        try:
+            for frame in container.decode(stream):
+                t = float(frame.time) if frame.time is not None else (last_time or 0.0)
+                last_time = t
+                if next_time is None:
+                    next_time = t
+                if step and t + 1e-6 < next_time:
+                    continue
+                if step:
+                    while next_time <= t + 1e-6:
+                        next_time += step
+                frames.append(
+                    frame.to_ndarray(format="rgb24", width=width, height=height)
+                )
+                stamps.append(t)
+                if len(frames) == chunk:
+                    yield FrameBatch(np.stack(frames), np.asarray(stamps))
+                    frames, stamps = [], []
+        except av.FFmpegError as exc:
+            raise CorruptVideoError(path, str(exc)) from None
+        if last_time is None:
+            raise CorruptVideoError(path, "no decodable video frames")
+        if frames:
+            yield FrameBatch(np.stack(frames), np.asarray(stamps))
+        start = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+        covered = last_time - start + native_period
+        if declared and covered < TRUNCATION_TOLERANCE * declared:
+            raise TruncatedVideoError(path, covered, declared)
+    finally:
+        container.close()
+
+
+def read_audio(path: str | Path, spec: AudioSpec) -> AudioTrack | None:
+    """The whole audio track as mono float32 at ``spec.rate``; ``None`` if there is none."""
+    path = str(path)
+    with _open(path) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=spec.rate)
+        parts: list[np.ndarray] = []
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    parts.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                parts.append(out.to_ndarray().reshape(-1))
+        except av.FFmpegError as exc:
+            raise CorruptVideoError(path, f"audio: {exc}") from None
+    samples = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return AudioTrack(samples.astype(np.float32, copy=False), spec.rate)
+
+
+@dataclass
+class VideoSource:
+    """One video as the extractors see it (implements ``extractors.base.VideoInput``).
+
+    When several extractors share a sampling, the decoded chunks are kept for
+    the next one as long as they fit ``cache_bytes``; a longer video is
+    decoded again instead, so memory stays bounded. The timestamps of every
+    sampling are recorded for provenance.
+    """
+
+    video_id: str
+    path: str
+    cache_bytes: int = 256 * 2**20
+    timestamps: dict[FrameSpec, np.ndarray] = field(default_factory=dict)
+    _frame_cache: dict[FrameSpec, list[FrameBatch]] = field(default_factory=dict, repr=False)
+    _audio_cache: dict[AudioSpec, AudioTrack | None] = field(default_factory=dict, repr=False)
+
+    def frames(self, spec: FrameSpec, chunk: int = 32) -> Iterator[FrameBatch]:
+        cached = self._frame_cache.get(spec)
+        if cached is not None:
+            for batch in cached:
+                for i in range(0, len(batch.frames), chunk):
+                    yield FrameBatch(batch.frames[i : i + chunk], batch.timestamps[i : i + chunk])
+            return
+        kept: list[FrameBatch] | None = []
+        used = 0
+        stamps: list[np.ndarray] = []
+        for batch in iter_frames(self.path, spec, chunk):
+            stamps.append(batch.timestamps)
+            if kept is not None:
+                used += batch.frames.nbytes
+                if used <= self.cache_bytes:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        self.timestamps[spec] = np.concatenate(stamps) if stamps else np.zeros(0)
+        if kept is not None:
+            self._frame_cache[spec] = kept
+
+    def audio(self, spec: AudioSpec) -> AudioTrack | None:
+        if spec not in self._audio_cache:
+            self._audio_cache[spec] = read_audio(self.path, spec)
+        return self._audio_cache[spec]

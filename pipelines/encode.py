@@ -1,0 +1,52 @@
+"""Writing small mp4 files (H.264 + AAC) with PyAV.
+
+Used by the demo generator and by tests that need real files to decode; no
+ffmpeg binary is required because PyAV bundles the encoders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def write_video(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: int,
+    audio: np.ndarray | None = None,
+    audio_rate: int = 16000,
+    crf: int = 23,
+) -> None:
+    """Encodes ``frames`` (T, H, W, 3 uint8 RGB) and optional mono ``audio`` in [-1, 1].
+
+    ``audio=None`` writes a file with no audio stream at all; an all-zero
+    array writes a silent track, which is a different case downstream.
+    Encoding is single-threaded so that the same input gives the same bytes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = frames.shape[1:3]
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        sound = None
+        if audio is not None:
+            sound = container.add_stream("aac", rate=audio_rate, layout="mono")
+        for frame in frames:
+            packet = video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24"))
+            container.mux(packet)
+        container.mux(video.encode(None))
+        if sound is not None:
+            samples = np.asarray(audio, np.float32).reshape(1, -1)
+            step = sound.codec_context.frame_size or 1024
+            for start in range(0, samples.shape[1], step):
+                chunk = np.ascontiguousarray(samples[:, start : start + step])
+                out = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
+                out.sample_rate = audio_rate
+                out.pts = start
+                container.mux(sound.encode(out))
+            container.mux(sound.encode(None))

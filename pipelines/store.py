@@ -1,0 +1,402 @@
+"""The sharded HDF5 store: shards, index, staging and the failure ledger.
+
+Layout under the output root::
+
+    index.json                 video id -> shard (assignments never move)
+    shards/shard-00000.h5      one group per video, one subgroup per extractor,
+                               one compressed dataset per output
+    staging/shard-00000/       finished results of a shard still being written
+    ledger.jsonl               one line per failure, for people (`hallucinate inspect`)
+
+Crash safety follows video2dataset: one process writes a shard, under a
+temporary name, and renames it when complete, so a file named ``shard-*.h5``
+is always whole. Work finished before a crash survives in ``staging/``, one
+atomically renamed file per (video, extractor), and is picked up by the next
+attempt. Failure attempts are stored in the shard itself, which is what lets
+a re-run retry a failed video exactly once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+import h5py
+import numpy as np
+
+from pipelines.errors import DiskFullError, is_disk_full
+
+FORMAT_VERSION = 1
+SHARDS = "shards"
+STAGING = "staging"
+INDEX = "index.json"
+LEDGER = "ledger.jsonl"
+TIMESTAMPS = "_timestamps"  # frame times (s) an extractor's output was computed from
+
+DONE, FLAGGED, FAILED = "done", "flagged", "failed"
+
+
+def group_name(video_id: str) -> str:
+    """HDF5 treats ``/`` as a path separator, so it is escaped in video ids."""
+    return quote(video_id, safe="")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise DiskFullError(path) from exc
+        raise
+
+
+@dataclass
+class Entry:
+    """What the store holds for one (video, extractor).
+
+    ``status`` is ``done`` (arrays present), ``flagged`` (a legitimate
+    absence such as no audio; ``flags`` says why) or ``failed`` (``attrs``
+    holds the error and the number of attempts so far).
+    """
+
+    status: str
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    flags: dict[str, str] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config_hash(self) -> str | None:
+        return self.attrs.get("config_hash")
+
+    @property
+    def attempts(self) -> int:
+        return int(self.attrs.get("attempts", 0))
+
+    def settled(self, config_hash: str, max_attempts: int) -> bool:
+        """True when a re-run has nothing left to do for this entry."""
+        if self.config_hash != config_hash:
+            return False
+        return self.status != FAILED or self.attempts >= max_attempts
+
+
+# ---------------------------------------------------------------- index
+
+
+@dataclass
+class ShardIndex:
+    """Which shard each video lives in. Assignments are permanent: new videos
+    go to new shards, so adding videos to a dataset never invalidates work."""
+
+    shards: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, root: str | Path) -> ShardIndex:
+        path = Path(root) / INDEX
+        if not path.is_file():
+            return cls()
+        return cls(json.loads(path.read_text())["shards"])
+
+    def save(self, root: str | Path) -> None:
+        data = json.dumps({"format": FORMAT_VERSION, "shards": self.shards}, indent=0)
+        atomic_write_bytes(Path(root) / INDEX, data.encode())
+
+    def video_to_shard(self) -> dict[str, str]:
+        return {vid: shard for shard, vids in self.shards.items() for vid in vids}
+
+    def assign(self, video_ids: Iterable[str], shard_size: int) -> list[str]:
+        """Puts unassigned videos into new shards; returns the new shard names."""
+        known = self.video_to_shard()
+        fresh = [v for v in video_ids if v not in known]
+        start = 1 + max((int(s.split("-")[1]) for s in self.shards), default=-1)
+        names = []
+        for i in range(0, len(fresh), shard_size):
+            name = f"shard-{start + len(names):05d}"
+            self.shards[name] = fresh[i : i + shard_size]
+            names.append(name)
+        return names
+
+
+def shard_path(root: str | Path, shard: str) -> Path:
+    return Path(root) / SHARDS / f"{shard}.h5"
+
+
+def read_complete(root: str | Path, shard: str) -> dict[str, str]:
+    """The shard's ``complete`` map: extractor -> config hash settled for every video.
+
+    Only root attributes are read, so planning a run over thousands of
+    shards costs one small read per shard.
+    """
+    path = shard_path(root, shard)
+    if not path.is_file():
+        return {}
+    with h5py.File(path, "r", locking=False) as f:
+        return json.loads(f.attrs.get("complete", "{}"))
+
+
+# ---------------------------------------------------------------- staging
+
+
+class Staging:
+    """Finished results of one shard, one file per (video, extractor).
+
+    Each file is written under a temporary name and renamed, so a crash
+    leaves either the whole result or nothing. A ``.started`` marker per
+    video counts how often a worker began it: a video that killed its worker
+    is charged a failed attempt instead of killing workers forever.
+    """
+
+    def __init__(self, root: str | Path, shard: str) -> None:
+        self.dir = Path(root) / STAGING / shard
+
+    def _file(self, video_id: str, extractor: str, suffix: str = ".npz") -> Path:
+        return self.dir / f"{group_name(video_id)}@{extractor}{suffix}"
+
+    def put(self, video_id: str, extractor: str, entry: Entry) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = {"status": entry.status, "flags": entry.flags, "attrs": entry.attrs}
+        buf = io.BytesIO()
+        np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **entry.arrays)
+        atomic_write_bytes(self._file(video_id, extractor), buf.getvalue())
+
+    def entries(self) -> dict[tuple[str, str], Entry]:
+        found: dict[tuple[str, str], Entry] = {}
+        if not self.dir.is_dir():
+            return found
+        for path in self.dir.glob("*.npz"):
+            vid, _, extractor = path.stem.partition("@")
+            with np.load(path, allow_pickle=False) as npz:
+                meta = json.loads(npz["__meta__"].tobytes())
+                arrays = {k: npz[k] for k in npz.files if k != "__meta__"}
+            found[(unquote(vid), extractor)] = Entry(meta["status"], arrays, meta["flags"], meta["attrs"])
+        return found
+
+    def starts(self, video_id: str) -> int:
+        marker = self._file(video_id, "", ".started")
+        return int(marker.read_text()) if marker.is_file() else 0
+
+    def mark_started(self, video_id: str, count: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self._file(video_id, "", ".started"), str(count).encode())
+
+    def clear(self) -> None:
+        if self.dir.is_dir():
+            for path in self.dir.iterdir():
+                path.unlink(missing_ok=True)
+            self.dir.rmdir()
+
+
+# ---------------------------------------------------------------- shard files
+
+
+def _write_entry(group: h5py.Group, entry: Entry, compression: str | None) -> None:
+    group.attrs["status"] = entry.status
+    group.attrs["flags"] = json.dumps(entry.flags)
+    for key, value in entry.attrs.items():
+        group.attrs[key] = value
+    for name, array in entry.arrays.items():
+        array = np.asarray(array)
+        big = array.size >= 64
+        group.create_dataset(
+            name,
+            data=array,
+            compression=compression if big else None,
+            shuffle=big and compression is not None,
+        )
+
+
+def _read_entry(group: h5py.Group, with_arrays: bool = True) -> Entry:
+    attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in group.attrs.items()}
+    status = attrs.pop("status", DONE)
+    flags = json.loads(attrs.pop("flags", "{}"))
+    arrays = {k: group[k][()] for k in group} if with_arrays else {}
+    return Entry(status, arrays, flags, attrs)
+
+
+def read_shard(
+    path: str | Path, with_arrays: bool = False
+) -> tuple[dict[tuple[str, str], Entry], dict[str, str]]:
+    """All entries of a shard keyed by (video id, extractor), and its ``complete`` map."""
+    entries: dict[tuple[str, str], Entry] = {}
+    if not Path(path).is_file():
+        return entries, {}
+    with h5py.File(path, "r", locking=False) as f:
+        for vname, vgroup in f.items():
+            for extractor, egroup in vgroup.items():
+                entries[(unquote(vname), extractor)] = _read_entry(egroup, with_arrays)
+        return entries, json.loads(f.attrs.get("complete", "{}"))
+
+
+def load_entry(path: str | Path, video_id: str, extractor: str) -> Entry:
+    """One entry with its arrays, e.g. a stored dependency of a new extractor."""
+    with h5py.File(path, "r", locking=False) as f:
+        return _read_entry(f[group_name(video_id)][extractor])
+
+
+def write_shard(
+    path: Path,
+    new: dict[tuple[str, str], Entry],
+    complete: dict[str, str],
+    video_attrs: dict[str, dict[str, Any]],
+    compression: str | None = "gzip",
+) -> None:
+    """Writes old content plus ``new`` to a temporary file, then renames it over ``path``.
+
+    Existing entries not replaced by ``new`` are copied as raw HDF5 objects
+    (no decompression). On ENOSPC the temporary file is removed and the old
+    shard and the staging folder are left untouched.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as dst:
+            if path.is_file():
+                with h5py.File(path, "r", locking=False) as src:
+                    for vname, vgroup in src.items():
+                        out = dst.require_group(vname)
+                        out.attrs.update(vgroup.attrs)
+                        for extractor in vgroup:
+                            if (unquote(vname), extractor) not in new:
+                                src.copy(vgroup[extractor], out, name=extractor)
+            for (video_id, extractor), entry in sorted(new.items()):
+                vgroup = dst.require_group(group_name(video_id))
+                if extractor in vgroup:
+                    del vgroup[extractor]
+                _write_entry(vgroup.create_group(extractor), entry, compression)
+            for video_id, attrs in video_attrs.items():
+                dst.require_group(group_name(video_id)).attrs.update(attrs)
+            dst.attrs["format"] = FORMAT_VERSION
+            dst.attrs["shard"] = path.stem
+            dst.attrs["complete"] = json.dumps(complete, sort_keys=True)
+            dst.attrs["written"] = time.time()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise DiskFullError(path) from exc
+        raise
+
+
+# ---------------------------------------------------------------- ledger
+
+
+def append_ledger(root: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Appends failures; only the client writes the ledger, so lines never interleave."""
+    lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+    if lines:
+        with open(Path(root) / LEDGER, "a") as fh:
+            fh.write(lines)
+
+
+def read_ledger(root: str | Path) -> list[dict[str, Any]]:
+    path = Path(root) / LEDGER
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- reader
+
+
+class ShardReader:
+    """Random access to descriptors by video id, for the trainer.
+
+    Files are opened lazily and per process: after a fork (DataLoader
+    workers) the inherited handles are dropped and reopened, and pickling
+    the reader carries only the root, so it is safe under both fork and
+    spawn. Descriptors are named ``"<extractor>/<output>"``.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        index = ShardIndex.load(self.root)
+        if not index.shards:
+            raise FileNotFoundError(
+                f"{self.root / INDEX} not found or empty: no descriptors were extracted to "
+                f"{self.root}. Run `make extract` (or `hallucinate extract out={self.root}`) first."
+            )
+        self._where = index.video_to_shard()
+        self._files: dict[str, h5py.File] = {}
+        self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["root"])
+
+    @property
+    def video_ids(self) -> list[str]:
+        return list(self._where)
+
+    def _video(self, video_id: str) -> h5py.Group:
+        if os.getpid() != self._pid:  # forked: never share HDF5 handles across processes
+            self._files, self._datasets, self._pid = {}, {}, os.getpid()
+        try:
+            shard = self._where[video_id]
+        except KeyError:
+            raise KeyError(f"video {video_id!r} is not in the index of {self.root}") from None
+        f = self._files.get(shard)
+        if f is None:
+            path = shard_path(self.root, shard)
+            if not path.is_file():
+                raise KeyError(f"shard {path} of video {video_id!r} has not been written yet")
+            f = self._files[shard] = h5py.File(path, "r", locking=False)
+        try:
+            return f[group_name(video_id)]
+        except KeyError:
+            raise KeyError(f"video {video_id!r} has no results in {f.filename}") from None
+
+    def get(self, video_id: str, descriptor: str) -> np.ndarray:
+        """One descriptor array, e.g. ``get("abc", "audio.logmel/stats")``."""
+        key = (video_id, descriptor)
+        ds = self._datasets.get(key)
+        if ds is None or os.getpid() != self._pid:
+            extractor, _, output = descriptor.rpartition("/")
+            group = self._video(video_id)
+            try:
+                ds = group[extractor][output]
+            except KeyError:
+                entry = self.entry(video_id, extractor) if extractor in group else None
+                why = f" (status {entry.status}, flags {entry.flags})" if entry else ""
+                raise KeyError(f"video {video_id!r} has no descriptor {descriptor!r}{why}") from None
+            self._datasets[key] = ds
+        return ds[()]
+
+    def entry(self, video_id: str, extractor: str) -> Entry:
+        """Status, flags and provenance of one extractor's result (no arrays)."""
+        group = self._video(video_id)
+        if extractor not in group:
+            raise KeyError(f"video {video_id!r} has no results of extractor {extractor!r}")
+        return _read_entry(group[extractor], with_arrays=False)
+
+    def extractors(self, video_id: str) -> list[str]:
+        return list(self._video(video_id))
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files, self._datasets = {}, {}
