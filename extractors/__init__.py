@@ -21,6 +21,7 @@ from extractors.base import (
 from extractors.registry import (
     EXTRACTORS,
     create_extractor,
+    default_extractors,
     get_extractor_class,
     list_extractors,
     register,
@@ -39,6 +40,7 @@ __all__ = [
     "Result",
     "VideoInput",
     "create_extractor",
+    "default_extractors",
     "get_extractor_class",
     "list_extractors",
     "register",

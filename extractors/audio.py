@@ -35,6 +35,7 @@ class LogMelConfig:
 class LogMelStats(Extractor):
     version = "1"
     Config = LogMelConfig
+    in_default_set = True
 
     @property
     def _n_features(self) -> int:

@@ -122,6 +122,8 @@ class Extractor(ABC):
     version: ClassVar[str] = "1"
     Config: ClassVar[type]  # a dataclass of plain typed fields
     resources: ClassVar[Resources] = Resources()
+    # Part of ``extractors=default``: weight-free, so it runs on a fresh machine.
+    in_default_set: ClassVar[bool] = False
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()

@@ -16,6 +16,11 @@ def list_extractors(pattern: str = "*") -> list[str]:
     return EXTRACTORS.names(pattern)
 
 
+def default_extractors() -> list[str]:
+    """The weight-free set ``extractors=default`` expands to."""
+    return [n for n in EXTRACTORS.names() if EXTRACTORS.get(n).in_default_set]
+
+
 def get_extractor_class(name: str) -> type[Extractor]:
     return EXTRACTORS.get(name)
 

@@ -82,6 +82,7 @@ class ShardJob:
     shard: str
     videos: list[VideoRecord]
     extractors: list[ExtractorSpec]
+    shard_videos: tuple[str, ...] = ()  # every video assigned to the shard, requested or not
     max_attempts: int = 2
     compression: str | None = "gzip"
 
@@ -180,11 +181,12 @@ def process_shard(
         progress(1)
 
     complete = {k: v for k, v in state.complete.items() if k not in extractors}
+    members = set(job.shard_videos) | {r.video_id for r in job.videos}
     for name, extractor in extractors.items():
         if all(
-            (e := state.get(r.video_id, name)) is not None
+            (e := state.get(vid, name)) is not None
             and e.settled(extractor.config_hash, job.max_attempts)
-            for r in job.videos
+            for vid in members
         ):
             complete[name] = extractor.config_hash
     video_attrs = {

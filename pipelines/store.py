@@ -393,6 +393,11 @@ class ShardReader:
             raise KeyError(f"video {video_id!r} has no results of extractor {extractor!r}")
         return _read_entry(group[extractor], with_arrays=False)
 
+    def arrays(self, video_id: str, extractor: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Shape and dtype of each stored array of one result, without reading it."""
+        group = self._video(video_id)[extractor]
+        return {name: (ds.shape, str(ds.dtype)) for name, ds in group.items()}
+
     def extractors(self, video_id: str) -> list[str]:
         return list(self._video(video_id))
 

@@ -1,0 +1,252 @@
+"""The ``hallucinate`` command: parses configs once, then calls plain functions.
+
+    hallucinate extract [--config FILE] [key=value ...]
+    hallucinate inspect [--config FILE] [key=value ...]
+    hallucinate extractors
+
+Every subcommand takes an optional YAML file and ``key=value`` overrides,
+validated into the dataclasses below; an unknown key or a wrong type stops
+the command with the key's name before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import build_config
+from pipelines.errors import ConfigError, HallucinateError
+
+
+@dataclass
+class ExtractConfig:
+    """``hallucinate extract``: which dataset, which extractors, where, on what cluster."""
+
+    dataset: str = "demo"  # a name in data/ or the path of your own definition YAML
+    data_root: str = "datasets"  # datasets live in <data_root>/<definition root>
+    video_root: str | None = None  # overrides the definition's video folder
+    annotation_root: str | None = None
+    splits: list[str] = field(default_factory=list)  # empty: every split
+    limit: int | None = None  # only the first N videos (smoke tests)
+    out: str | None = None  # default: features/<dataset>
+    extractors: list[str] = field(default_factory=lambda: ["default"])
+    options: dict[str, Any] = field(default_factory=dict)  # options.<extractor>.<key>=value
+    shard_size: int = 32
+    max_attempts: int = 2  # a failed video is retried once by the next run
+    compression: str | None = "gzip"
+    workers: int | None = None  # None: one per core; 0: in this process, no dask
+    scheduler: str | None = None  # tcp://host:port of an existing dask scheduler
+    cluster: str = "local"  # local, slurm, pbs, sge, lsf or htcondor
+    jobqueue: dict[str, Any] = field(default_factory=dict)  # dask-jobqueue cluster arguments
+    progress: bool = True
+
+
+@dataclass
+class InspectConfig:
+    """``hallucinate inspect``: what a feature store holds and what failed."""
+
+    dataset: str = "demo"
+    out: str | None = None
+    video: str | None = None  # show one video's descriptors and provenance
+    failures: int = 20  # how many ledger lines to show
+
+
+def default_out(dataset: str) -> Path:
+    return Path("features") / Path(dataset).stem
+
+
+def split_extractor_options(options: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
+    """``options.audio.logmel.n_mels=32`` nests by dots; regroup it under ``audio.logmel``."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def walk(prefix: str, node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else key
+            if path in names:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"options.{path} must be a mapping of that extractor's options")
+                found.setdefault(path, {}).update(value)
+            elif isinstance(value, dict):
+                walk(path, value)
+            else:
+                raise ConfigError(
+                    f"options.{path}: no extractor of this run is a prefix of it; "
+                    f"extractors in this run: {', '.join(names)}"
+                )
+
+    walk("", options)
+    return found
+
+
+def resolve_extractors(names: list[str], options: dict[str, Any]):
+    """Extractor specs for the requested names, dependencies added, options validated."""
+    from extractors import default_extractors, get_extractor_class
+    from pipelines.runner import ExtractorSpec
+
+    wanted: list[str] = []
+    for name in names:
+        for expanded in default_extractors() if name == "default" else [name]:
+            if expanded not in wanted:
+                wanted.append(expanded)
+    per_name = split_extractor_options(options, wanted)
+    specs: dict[str, ExtractorSpec] = {}
+    pending = list(wanted)
+    while pending:
+        name = pending.pop(0)
+        if name in specs:
+            continue
+        extractor = get_extractor_class(name).from_options(per_name.get(name, {}))
+        specs[name] = ExtractorSpec(type(extractor), extractor.config)
+        pending.extend(d for d in extractor.needs().inputs if d not in specs)
+    return list(specs.values())
+
+
+def load_records(cfg: ExtractConfig):
+    from pipelines.datasets import load_dataset, load_definition, resolve_paths
+
+    defn = load_definition(cfg.dataset)
+    paths = resolve_paths(defn, cfg.data_root, cfg.video_root, cfg.annotation_root)
+    if defn.generator and not cfg.video_root and not (paths.annotations / defn.files.get("manifest", "")).is_file():
+        module, _, func = defn.generator.partition(":")
+        print(f"generating the {defn.name} dataset in {paths.root} ...", file=sys.stderr)
+        getattr(importlib.import_module(module), func)(paths.root, progress=cfg.progress)
+    dataset = load_dataset(defn, paths)
+    records = [r for r in dataset.records if not cfg.splits or r.split in cfg.splits]
+    if cfg.limit is not None:
+        records = records[: cfg.limit]
+    return dataset, records
+
+
+def cmd_extract(cfg: ExtractConfig) -> int:
+    from pipelines.orchestrate import ClusterOptions, run_extraction
+
+    specs = resolve_extractors(cfg.extractors, cfg.options)
+    dataset, records = load_records(cfg)
+    out = Path(cfg.out) if cfg.out else default_out(cfg.dataset)
+    print(
+        f"extracting {', '.join(s.cls.name for s in specs)} for {len(records)} videos of "
+        f"{dataset.name} into {out}",
+        file=sys.stderr,
+    )
+    options = ClusterOptions(cfg.workers, cfg.scheduler, cfg.cluster, dict(cfg.jobqueue))
+    summary = run_extraction(
+        records, specs, out, options, cfg.shard_size, cfg.max_attempts, cfg.compression, cfg.progress
+    )
+    print(summary.table())
+    if summary.failures:
+        print(f"{len(summary.failures)} failure(s) recorded in {out / 'ledger.jsonl'}; "
+              f"`hallucinate inspect out={out}` lists them")
+    if summary.shard_errors:
+        print(f"{len(summary.shard_errors)} shard(s) did not finish; re-run the same command to resume")
+        return 1
+    return 0
+
+
+def cmd_inspect(cfg: InspectConfig) -> int:
+    from pipelines.store import LEDGER, SHARDS, ShardIndex, read_ledger, read_shard, shard_path
+
+    out = Path(cfg.out) if cfg.out else default_out(cfg.dataset)
+    index = ShardIndex.load(out)
+    if not index.shards:
+        raise HallucinateError(f"{out} holds no extraction (no index.json); run `make extract` first")
+    written = [s for s in index.shards if shard_path(out, s).is_file()]
+    size = sum(p.stat().st_size for p in (out / SHARDS).glob("*.h5"))
+    n_videos = sum(len(v) for v in index.shards.values())
+    print(f"store {out}: {n_videos} videos in {len(index.shards)} shards "
+          f"({len(written)} written, {size / 2**20:.1f} MiB)")
+    status: dict[str, Counter] = defaultdict(Counter)
+    hashes: dict[str, set] = defaultdict(set)
+    flags: dict[str, Counter] = defaultdict(Counter)
+    for shard in written:
+        entries, _ = read_shard(shard_path(out, shard))
+        for (_, extractor), entry in entries.items():
+            status[extractor][entry.status] += 1
+            hashes[extractor].add(f"v{entry.attrs.get('version')}:{entry.config_hash}")
+            for flag in entry.flags:
+                flags[extractor][flag] += 1
+    print(f"\n{'extractor':<24}{'done':>8}{'flagged':>9}{'failed':>8}  versions:config")
+    for name in sorted(status):
+        c = status[name]
+        print(f"{name:<24}{c['done']:>8}{c['flagged']:>9}{c['failed']:>8}  {', '.join(sorted(hashes[name]))}")
+        for flag, n in flags[name].items():
+            print(f"{'':<24}flag {flag}: {n}")
+    ledger = read_ledger(out)
+    print(f"\nledger {out / LEDGER}: {len(ledger)} failure(s)" + (", latest:" if ledger else ""))
+    for row in ledger[-cfg.failures:]:
+        print(f"  [{row['extractor']}] {row['video_id']} attempt {row['attempt']}: "
+              f"{row['error_type']}: {row['message'][:160]}")
+    if cfg.video:
+        from pipelines.store import ShardReader
+
+        reader = ShardReader(out)
+        for extractor in reader.extractors(cfg.video):
+            entry = reader.entry(cfg.video, extractor)
+            print(f"\n{cfg.video} / {extractor}: {entry.status} {entry.flags or ''}")
+            for key, value in sorted(entry.attrs.items()):
+                print(f"  {key}: {value}")
+            for name, (shape, dtype) in reader.arrays(cfg.video, extractor).items():
+                print(f"  [{name}] shape {shape} {dtype}")
+    return 0
+
+
+def cmd_extractors(_: Any) -> int:
+    from extractors import default_extractors, get_extractor_class, list_extractors
+
+    defaults = set(default_extractors())
+    for name in list_extractors():
+        ex = get_extractor_class(name)()
+        outs = ", ".join(f"{k}{list(v.shape)}" for k, v in ex.produces().items())
+        mark = " (default)" if name in defaults else ""
+        print(f"{name}{mark}  v{ex.version}  -> {outs}")
+        print(f"    {(type(ex).__doc__ or '').strip().splitlines()[0] if type(ex).__doc__ else ''}")
+    return 0
+
+
+def _not_yet(issue: str):
+    def run(_: Any) -> int:
+        raise HallucinateError(f"this command is not implemented yet; it arrives with {issue}")
+
+    return run
+
+
+COMMANDS = {
+    "extract": (ExtractConfig, cmd_extract, "run extractors over a dataset into HDF5 shards"),
+    "inspect": (InspectConfig, cmd_inspect, "summarise a feature store and its failure ledger"),
+    "extractors": (None, cmd_extractors, "list the registered extractors"),
+    "fit-codebooks": (None, _not_yet("the IDT / BoW / Fisher-vector work"), "fit PCA/GMM/k-means codebooks"),
+    "train": (None, _not_yet("the trainer"), "train the hallucination model"),
+    "evaluate": (None, _not_yet("the trainer"), "evaluate RGB-only, hallucinated and oracle models"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    # librosa's numba JIT is slow on first use; caching it on disk saves every
+    # later process (dask workers included, they inherit the environment).
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "hallucinate" / "numba"))
+    parser = argparse.ArgumentParser(prog="hallucinate", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", help="YAML file; key=value overrides win over it")
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    cls, func, _ = COMMANDS[args.command]
+    try:
+        cfg = build_config(cls, args.config, args.overrides) if cls else None
+        return func(cfg)
+    except HallucinateError as exc:
+        print(f"hallucinate {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Running extraction over a dataset on dask.distributed.
+
+By default a LocalCluster with one single-threaded worker process per core;
+``scheduler=tcp://host:port`` joins an existing cluster, and
+``cluster=slurm|pbs|sge|lsf|htcondor`` starts workers through dask-jobqueue.
+``workers=0`` runs everything in this process, which is what you want under
+a debugger. The unit of work is one shard for the whole group of requested
+extractors; see ``pipelines.runner``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipelines.datasets import VideoRecord
+from pipelines.errors import ConfigError, DiskFullError
+from pipelines.runner import ExtractorPool, ExtractorSpec, ShardJob, ShardReport, process_shard
+from pipelines.store import ShardIndex, append_ledger, read_complete
+
+PLUGIN_NAME = "hallucinate-extractors"
+PROGRESS_TOPIC = "hallucinate-progress"
+
+# dask-jobqueue class for each batch system; looked up, never branched on.
+JOBQUEUE_CLUSTERS = {
+    "slurm": "SLURMCluster",
+    "pbs": "PBSCluster",
+    "sge": "SGECluster",
+    "lsf": "LSFCluster",
+    "htcondor": "HTCondorCluster",
+}
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    workers: int | None = None  # None: one per core; 0: no dask, run in this process
+    scheduler: str | None = None
+    cluster: str = "local"
+    jobqueue: dict[str, Any] = field(default_factory=dict)
+    threads_per_worker: int = 1
+
+
+@dataclass
+class RunSummary:
+    counts: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    seconds: Counter = field(default_factory=Counter)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    shard_errors: list[dict[str, Any]] = field(default_factory=list)
+    videos: int = 0
+    skipped_shards: int = 0
+    wall_seconds: float = 0.0
+
+    def add(self, report: ShardReport, out: Path) -> None:
+        """Merges one shard's report and appends its failures to the ledger at once."""
+        append_ledger(out, report.failures)
+        for name, counts in report.counts.items():
+            self.counts[name].update(counts)
+        self.seconds.update(report.seconds)
+        self.failures.extend(report.failures)
+        self.videos += report.videos
+
+    def table(self) -> str:
+        cols = ("done", "reused", "flagged", "failed", "given_up")
+        header = f"{'extractor':<24}" + "".join(f"{c:>10}" for c in cols) + f"{'time (s)':>10}{'s/video':>10}"
+        lines = [header, "-" * len(header)]
+        for name in sorted(self.counts):
+            c = self.counts[name]
+            computed = c["done"] + c["flagged"] + c["failed"]
+            per = self.seconds[name] / computed if computed else 0.0
+            lines.append(
+                f"{name:<24}" + "".join(f"{c[k]:>10}" for k in cols)
+                + f"{self.seconds[name]:>10.2f}{per:>10.4f}"
+            )
+        rate = self.videos / self.wall_seconds if self.wall_seconds else 0.0
+        lines.append(
+            f"{self.videos} videos in {self.wall_seconds:.1f}s ({rate:.1f} videos/s); "
+            f"{self.skipped_shards} shard(s) already complete"
+        )
+        return "\n".join(lines)
+
+
+def plan_jobs(
+    records: Sequence[VideoRecord],
+    specs: Sequence[ExtractorSpec],
+    out: Path,
+    shard_size: int,
+    max_attempts: int,
+    compression: str | None,
+) -> tuple[list[ShardJob], dict[str, int]]:
+    """Shard jobs that still have work, and the video count of each complete shard."""
+    out.mkdir(parents=True, exist_ok=True)
+    index = ShardIndex.load(out)
+    index.assign([r.video_id for r in records], shard_size)
+    index.save(out)
+    where = index.video_to_shard()
+    by_shard: dict[str, list[VideoRecord]] = defaultdict(list)
+    for record in records:
+        by_shard[where[record.video_id]].append(record)
+    wanted = {spec.cls.name: spec.build().config_hash for spec in specs}
+    jobs, complete = [], {}
+    for shard in sorted(by_shard):
+        done = read_complete(out, shard)
+        if all(done.get(name) == h for name, h in wanted.items()):
+            complete[shard] = len(by_shard[shard])
+            continue
+        jobs.append(
+            ShardJob(
+                str(out), shard, by_shard[shard], list(specs),
+                shard_videos=tuple(index.shards[shard]), max_attempts=max_attempts,
+                compression=compression,
+            )
+        )
+    return jobs, complete
+
+
+def _run_shard_task(job: ShardJob) -> ShardReport:
+    """The dask task: the worker's plugin holds the extractors already set up."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    pool = worker.plugins[PLUGIN_NAME].pool
+    return process_shard(job, pool, lambda n: worker.log_event(PROGRESS_TOPIC, n))
+
+
+def _pool_plugin():
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class ExtractorPoolPlugin(WorkerPlugin):
+        """Keeps loaded models alive between shards and tears them down at worker exit."""
+
+        name = PLUGIN_NAME
+
+        def setup(self, worker) -> None:
+            self.pool = ExtractorPool()
+
+        def teardown(self, worker) -> None:
+            self.pool.close()
+
+    return ExtractorPoolPlugin()
+
+
+@contextlib.contextmanager
+def open_client(options: ClusterOptions) -> Iterator[Any]:
+    """A dask Client for ``options``; clusters it starts are closed on exit."""
+    from distributed import Client, LocalCluster
+
+    if options.scheduler:
+        with Client(options.scheduler) as client:
+            yield client
+        return
+    if options.cluster in JOBQUEUE_CLUSTERS:
+        import dask_jobqueue
+
+        cluster_cls = getattr(dask_jobqueue, JOBQUEUE_CLUSTERS[options.cluster])
+        with cluster_cls(**options.jobqueue) as cluster, Client(cluster) as client:
+            cluster.scale(options.workers or 1)
+            client.wait_for_workers(1)
+            yield client
+        return
+    if options.cluster != "local":
+        raise ConfigError(
+            f"cluster={options.cluster!r} is not known; use local, "
+            f"{', '.join(JOBQUEUE_CLUSTERS)}, or scheduler=tcp://host:port"
+        )
+    workers = options.workers or os.cpu_count() or 1
+    with LocalCluster(
+        n_workers=workers,
+        threads_per_worker=options.threads_per_worker,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+def run_extraction(
+    records: Sequence[VideoRecord],
+    specs: Sequence[ExtractorSpec],
+    out: str | Path,
+    options: ClusterOptions = ClusterOptions(),
+    shard_size: int = 32,
+    max_attempts: int = 2,
+    compression: str | None = "gzip",
+    progress: bool = True,
+) -> RunSummary:
+    """Brings ``out`` up to date for ``specs`` over ``records``; returns the summary.
+
+    Per-video failures are recorded (shard and ledger) and never stop the
+    run; a shard whose worker died is reported and resumes on the next run;
+    a full disk stops the run, keeping everything finished so far.
+    """
+    out = Path(out)
+    started = time.perf_counter()
+    jobs, complete = plan_jobs(records, specs, out, shard_size, max_attempts, compression)
+    summary = RunSummary(skipped_shards=len(complete))
+    for n in complete.values():
+        for spec in specs:
+            summary.counts[spec.cls.name]["reused"] += n
+    summary.videos += sum(complete.values())
+    bar = tqdm(total=len(records), initial=sum(complete.values()), unit="video",
+               desc="extract", disable=not progress, smoothing=0.1)
+    try:
+        if options.workers == 0 and not options.scheduler and options.cluster == "local":
+            pool = ExtractorPool()
+            try:
+                for job in jobs:
+                    summary.add(process_shard(job, pool, bar.update), out)
+            finally:
+                pool.close()
+        else:
+            _run_on_dask(jobs, options, summary, bar, out)
+    finally:
+        bar.close()
+        summary.wall_seconds = time.perf_counter() - started
+    return summary
+
+
+def _run_on_dask(
+    jobs: list[ShardJob], options: ClusterOptions, summary: RunSummary, bar: tqdm, out: Path
+) -> None:
+    from distributed import as_completed
+
+    if not jobs:
+        return
+    with open_client(options) as client:
+        client.register_plugin(_pool_plugin())
+        client.subscribe_topic(PROGRESS_TOPIC, lambda event: bar.update(event[1]))
+        futures = {client.submit(_run_shard_task, job, pure=False): job for job in jobs}
+        try:
+            for future in as_completed(futures):
+                job = futures[future]
+                try:
+                    summary.add(future.result(), out)
+                except DiskFullError:
+                    for other in futures:
+                        other.cancel()
+                    raise
+                except Exception as exc:  # a dead worker or a bug: this shard resumes next run
+                    error = {
+                        "time": time.time(), "video_id": "*", "path": "", "extractor": "*",
+                        "error_type": type(exc).__name__,
+                        "message": f"shard {job.shard} did not finish ({exc}); finished videos "
+                                   "are staged, re-run the same command to resume it",
+                        "attempt": 0, "shard": job.shard,
+                    }
+                    summary.shard_errors.append(error)
+                    append_ledger(out, [error])
+        finally:
+            client.unsubscribe_topic(PROGRESS_TOPIC)
