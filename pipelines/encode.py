@@ -19,17 +19,21 @@ def write_video(
     audio: np.ndarray | None = None,
     audio_rate: int = 16000,
     crf: int = 23,
+    faststart: bool = False,
 ) -> None:
     """Encodes ``frames`` (T, H, W, 3 uint8 RGB) and optional mono ``audio`` in [-1, 1].
 
     ``audio=None`` writes a file with no audio stream at all; an all-zero
     array writes a silent track, which is a different case downstream.
     Encoding is single-threaded so that the same input gives the same bytes.
+    ``faststart`` puts the index first, as streaming sites do, which is what
+    makes a cut-short download still partly decodable.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = frames.shape[1:3]
-    with av.open(str(path), "w") as container:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as container:
         video = container.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
@@ -41,12 +45,23 @@ def write_video(
             container.mux(packet)
         container.mux(video.encode(None))
         if sound is not None:
-            samples = np.asarray(audio, np.float32).reshape(1, -1)
-            step = sound.codec_context.frame_size or 1024
-            for start in range(0, samples.shape[1], step):
-                chunk = np.ascontiguousarray(samples[:, start : start + step])
-                out = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
-                out.sample_rate = audio_rate
-                out.pts = start
-                container.mux(sound.encode(out))
-            container.mux(sound.encode(None))
+            _encode_audio(container, sound, audio, audio_rate)
+
+
+def write_audio_only(path: str | Path, audio: np.ndarray, audio_rate: int = 16000) -> None:
+    """An mp4 with an AAC track and no video stream (a case extraction must survive)."""
+    with av.open(str(path), "w") as container:
+        sound = container.add_stream("aac", rate=audio_rate, layout="mono")
+        _encode_audio(container, sound, audio, audio_rate)
+
+
+def _encode_audio(container, sound, audio: np.ndarray, audio_rate: int) -> None:
+    samples = np.asarray(audio, np.float32).reshape(1, -1)
+    step = sound.codec_context.frame_size or 1024
+    for start in range(0, samples.shape[1], step):
+        chunk = np.ascontiguousarray(samples[:, start : start + step])
+        out = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
+        out.sample_rate = audio_rate
+        out.pts = start
+        container.mux(sound.encode(out))
+    container.mux(sound.encode(None))

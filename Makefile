@@ -1,0 +1,70 @@
+# Hallucinate: `make demo` and `make test` are the whole set-up on a fresh clone.
+#
+#   make extract DATASET=k400 VIDEO_ROOT=/data/k400/videos WORKERS=8
+#   make extract DATASET=demo EXTRACTORS=audio.logmel OUT=features/demo
+#   make extract DATASET=k400 SCHEDULER=tcp://10.0.0.5:8786
+#   make extract DATASET=k400 CLUSTER=slurm ARGS="jobqueue.cores=8 jobqueue.memory=32GB"
+#
+# ARGS passes any further key=value to the hallucinate command.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HALLUCINATE := $(BIN)/hallucinate
+DATASET ?= demo
+OPENCV := opencv-contrib-python-headless==5.0.0.93
+
+# Only the variables that are set become key=value overrides.
+EXTRACT_ARGS := dataset=$(DATASET) \
+	$(if $(EXTRACTORS),extractors=$(EXTRACTORS)) \
+	$(if $(OUT),out=$(OUT)) \
+	$(if $(WORKERS),workers=$(WORKERS)) \
+	$(if $(SCHEDULER),scheduler=$(SCHEDULER)) \
+	$(if $(CLUSTER),cluster=$(CLUSTER)) \
+	$(if $(VIDEO_ROOT),video_root=$(VIDEO_ROOT)) \
+	$(if $(DATA_ROOT),data_root=$(DATA_ROOT)) \
+	$(ARGS)
+
+.PHONY: install demo extract train evaluate inspect test bench lint clean
+
+install: $(VENV)/.installed
+
+# Other packages pull in plain opencv-python-headless, which shares the cv2
+# folder; reinstalling the contrib build last keeps cv2.saliency/cv2.optflow.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install --force-reinstall --no-deps $(OPENCV)
+	$(BIN)/python -c "import cv2; cv2.saliency; import torch, torchvision, av, h5py, distributed"
+	touch $@
+
+demo: install
+	$(HALLUCINATE) extract dataset=demo $(ARGS)
+	$(HALLUCINATE) inspect dataset=demo
+
+extract: install
+	$(HALLUCINATE) extract $(EXTRACT_ARGS)
+
+inspect: install
+	$(HALLUCINATE) inspect dataset=$(DATASET) $(if $(OUT),out=$(OUT)) $(ARGS)
+
+train: install
+	$(HALLUCINATE) train dataset=$(DATASET) $(ARGS)
+
+evaluate: install
+	$(HALLUCINATE) evaluate dataset=$(DATASET) $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/bench_decode.py
+	$(BIN)/python benchmarks/bench_store.py
+	$(BIN)/python benchmarks/bench_workers.py
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf features runs .pytest_cache

@@ -1,0 +1,126 @@
+"""Test-only extractors and files, importable by spawned dask workers.
+
+``test.frame_stats`` decodes frames and writes one marker file per call, so
+tests can prove that finished work is not recomputed. It kills its own
+worker process (``os._exit``) on a video whose id has a marker in
+``$HALLUCINATE_TEST_CRASH``, which is how a test simulates a worker dying in
+the middle of a shard.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
+from extractors.registry import register
+from pipelines.encode import write_audio_only, write_video
+
+CALLS_ENV = "HALLUCINATE_TEST_CALLS"
+CRASH_ENV = "HALLUCINATE_TEST_CRASH"
+
+
+@dataclass
+class FrameStatsConfig:
+    fps: float = 6.0
+    width: int = 64
+    height: int = 48
+
+
+@register("test.frame_stats")
+class FrameStats(Extractor):
+    """Mean colour per frame: cheap, deterministic, exercises the frame path."""
+
+    version = "1"
+    Config = FrameStatsConfig
+
+    def needs(self) -> Needs:
+        c = self.config
+        return Needs(frames=FrameSpec(fps=c.fps, size=(c.width, c.height)))
+
+    def produces(self) -> dict[str, OutputSpec]:
+        return {"per_frame": OutputSpec((None, 3), "float32"), "mean": OutputSpec((3,), "float32")}
+
+    def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
+        calls = os.environ.get(CALLS_ENV)
+        if calls:
+            Path(calls).mkdir(parents=True, exist_ok=True)
+            (Path(calls) / f"{video.video_id}@{uuid.uuid4().hex}").touch()
+        crash = os.environ.get(CRASH_ENV)
+        if crash and (Path(crash) / video.video_id).exists():
+            os._exit(17)
+        means = [b.frames.reshape(len(b.frames), -1, 3).mean(1) for b in video.frames(self.needs().frames)]
+        per_frame = np.concatenate(means).astype(np.float32)
+        return Result({"per_frame": per_frame, "mean": per_frame.mean(0)})
+
+
+@dataclass
+class ScaleConfig:
+    factor: float = 2.0
+
+
+@register("test.scaled_mean")
+class ScaledMean(Extractor):
+    """Reads another extractor's output: exercises the dependency mechanism."""
+
+    version = "1"
+    Config = ScaleConfig
+
+    def needs(self) -> Needs:
+        return Needs(inputs=("test.frame_stats",))
+
+    def produces(self) -> dict[str, OutputSpec]:
+        return {"scaled": OutputSpec((3,), "float32")}
+
+    def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
+        return Result({"scaled": inputs["test.frame_stats"].arrays["mean"] * self.config.factor})
+
+
+def calls_per_video(calls_dir: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for path in Path(calls_dir).glob("*@*"):
+        vid = path.name.split("@")[0]
+        counts[vid] = counts.get(vid, 0) + 1
+    return counts
+
+
+def moving_frames(n: int = 24, width: int = 64, height: int = 48, seed: int = 0) -> np.ndarray:
+    """A square moving right over noise: small, real, and compressible."""
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 40, (n, height, width, 3)).astype(np.uint8)
+    for i in range(n):
+        x = 4 + i
+        frames[i, 10:26, x : x + 16] = (220, 60, 30)
+    return frames
+
+
+def tone(seconds: float, hz: float, rate: int = 16000, amplitude: float = 0.4) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def write_broken_videos(folder: Path, fps: int = 12) -> dict[str, Path]:
+    """One file per kind of bad input the pipeline must survive."""
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = moving_frames(48)
+    good = folder / "good.mp4"
+    write_video(good, frames, fps, tone(4, 440), faststart=True)
+    files = {"good": good}
+    files["corrupt"] = folder / "corrupt.mp4"
+    files["corrupt"].write_bytes(np.random.default_rng(1).bytes(20_000))
+    files["truncated"] = folder / "truncated.mp4"
+    files["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    files["zero_byte"] = folder / "zero_byte.mp4"
+    files["zero_byte"].write_bytes(b"")
+    files["video_less"] = folder / "video_less.mp4"
+    write_audio_only(files["video_less"], tone(2, 440))
+    files["silent"] = folder / "silent.mp4"
+    write_video(files["silent"], frames, fps, np.zeros(32000, np.float32))
+    files["no_audio"] = folder / "no_audio.mp4"
+    write_video(files["no_audio"], frames, fps, None)
+    return files

@@ -1,0 +1,147 @@
+import json
+
+import pytest
+
+from pipelines.datasets import (
+    DatasetDef,
+    known_datasets,
+    load_dataset,
+    load_definition,
+    resolve_paths,
+)
+from pipelines.errors import ConfigError, DatasetError
+
+
+def _defn(tmp_path, **kw) -> tuple[DatasetDef, object]:
+    defn = DatasetDef(name="t", root=str(tmp_path), **kw)
+    paths = resolve_paths(defn, tmp_path)
+    paths.videos.mkdir(parents=True, exist_ok=True)
+    paths.annotations.mkdir(parents=True, exist_ok=True)
+    return defn, paths
+
+
+def test_every_definition_in_data_loads():
+    expected = {"k400", "k600", "ssv2", "ucf101", "hmdb51", "charades", "demo", "folder"}
+    assert expected <= set(known_datasets())
+    for name in known_datasets():
+        defn = load_definition(name)
+        assert defn.name == name and defn.format
+
+
+def test_unknown_dataset_lists_known_ones():
+    with pytest.raises(ConfigError, match="k400.*ssv2|ssv2.*k400"):
+        load_definition("kinetics9000")
+
+
+def test_missing_video_root_names_it_and_the_fix(tmp_path):
+    defn = load_definition("k400")
+    paths = resolve_paths(defn, tmp_path)
+    with pytest.raises(DatasetError) as info:
+        load_dataset(defn, paths)
+    msg = str(info.value)
+    assert str(tmp_path / "k400" / "videos") in msg and "VIDEO_ROOT=" in msg
+
+
+def test_kinetics_csv(tmp_path):
+    defn, paths = _defn(tmp_path, format="kinetics_csv", files={"train": "train.csv", "test": "test.csv"},
+                        video_template="{split}/{id}.mp4")
+    (paths.annotations / "train.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\n"
+        "abseiling,---QUuC4vJs,3,13,train\n"
+        "air drumming,--nQbRBEz2s,104,114,train\n"
+    )
+    (paths.annotations / "test.csv").write_text(
+        "youtube_id,time_start,time_end,split\nzzz_abc,0,10,test\n"
+    )
+    ds = load_dataset(defn, paths)
+    assert ds.classes == ["abseiling", "air drumming"]
+    first = ds.records[0]
+    assert first.video_id == "---QUuC4vJs_000003_000013" and first.labels == (0,)
+    assert first.path == str(paths.videos / "train" / "---QUuC4vJs_000003_000013.mp4")
+    assert ds.split("test")[0].labels == ()
+
+
+def test_kinetics_bad_row_names_file(tmp_path):
+    defn, paths = _defn(tmp_path, format="kinetics_csv", files={"train": "train.csv"})
+    (paths.annotations / "train.csv").write_text("label,youtube_id\nx,y\n")
+    with pytest.raises(DatasetError, match="train.csv"):
+        load_dataset(defn, paths)
+
+
+def test_ssv2_json(tmp_path):
+    defn, paths = _defn(tmp_path, format="ssv2_json", video_template="{id}.webm",
+                        files={"labels": "labels.json", "train": "train.json", "val": "validation.json"})
+    (paths.annotations / "labels.json").write_text(json.dumps(
+        {"Holding something next to something": "1", "Approaching something with your camera": "0"}))
+    (paths.annotations / "train.json").write_text(json.dumps([
+        {"id": "78687", "label": "holding potato next to bottle",
+         "template": "Holding [something] next to [something]", "placeholders": ["potato", "bottle"]}]))
+    (paths.annotations / "validation.json").write_text(json.dumps([
+        {"id": "24", "template": "Approaching [something] with your camera"}]))
+    ds = load_dataset(defn, paths)
+    assert ds.classes == ["Approaching something with your camera", "Holding something next to something"]
+    assert {(r.video_id, r.labels, r.split) for r in ds.records} == {("78687", (1,), "train"), ("24", (0,), "val")}
+    assert ds.records[0].path.endswith("78687.webm")
+
+
+def test_ucf101_splits(tmp_path):
+    defn, paths = _defn(tmp_path, format="ucf101_splits", files={
+        "classes": "classInd.txt", "train1": "trainlist01.txt", "test1": "testlist01.txt"})
+    (paths.annotations / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 Archery\n")
+    (paths.annotations / "trainlist01.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\n")
+    (paths.annotations / "testlist01.txt").write_text("Archery/v_Archery_g01_c01.avi\n")
+    ds = load_dataset(defn, paths)
+    assert [(r.video_id, r.labels, r.split) for r in ds.records] == [
+        ("v_ApplyEyeMakeup_g08_c01", (0,), "train"), ("v_Archery_g01_c01", (1,), "test")]
+
+
+def test_hmdb51_splits(tmp_path):
+    defn, paths = _defn(tmp_path, format="hmdb51_splits", files={"splits": "splits"})
+    (paths.annotations / "splits").mkdir()
+    (paths.annotations / "splits" / "brush_hair_test_split1.txt").write_text("a.avi 1 \nb.avi 2 \nc.avi 0 \n")
+    (paths.annotations / "splits" / "cartwheel_test_split1.txt").write_text("d.avi 1 \n")
+    (paths.annotations / "splits" / "cartwheel_test_split2.txt").write_text("d.avi 2 \n")
+    ds = load_dataset(defn, paths)
+    assert ds.classes == ["brush_hair", "cartwheel"]
+    assert [(r.video_id, r.labels, r.split) for r in ds.records] == [
+        ("a", (0,), "train"), ("b", (0,), "test"), ("d", (1,), "train")]
+    assert ds.records[0].path == str(paths.videos / "brush_hair" / "a.avi")
+
+
+def test_charades_multilabel(tmp_path):
+    defn, paths = _defn(tmp_path, format="charades_csv", multilabel=True, files={
+        "classes": "classes.txt", "train": "train.csv", "test": "test.csv"})
+    (paths.annotations / "classes.txt").write_text("c000 Holding some clothes\nc001 Putting clothes somewhere\nc002 Taking a cup\n")
+    header = "id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length\n"
+    (paths.annotations / "train.csv").write_text(header + '46GP8,HR43,Kitchen,6,7,Yes,s,food,d,c002 11.90 21.20;c000 0.00 12.60,24.8\n')
+    (paths.annotations / "test.csv").write_text(header + "ZZZ01,HR43,Kitchen,6,7,Yes,s,o,d,,10\n")
+    ds = load_dataset(defn, paths)
+    assert ds.multilabel
+    assert ds.records[0].labels == (0, 2) and ds.records[1].labels == ()
+
+
+def test_folder_layout_is_stable(tmp_path):
+    defn, paths = _defn(tmp_path, format="folder")
+    for cls in ("jump", "run"):
+        (paths.videos / cls).mkdir()
+        for i in range(20):
+            (paths.videos / cls / f"{cls}{i}.mp4").touch()
+    (paths.videos / "run" / "notes.txt").touch()
+    first = load_dataset(defn, paths)
+    assert first.classes == ["jump", "run"] and len(first.records) == 40
+    assert {r.split for r in first.records} == {"train", "val", "test"}
+    assert first.records == load_dataset(defn, paths).records
+
+
+def test_num_classes_mismatch_is_reported(tmp_path):
+    defn, paths = _defn(tmp_path, format="folder", num_classes=3)
+    (paths.videos / "a").mkdir()
+    with pytest.raises(DatasetError, match="expects 3"):
+        load_dataset(defn, paths)
+
+
+def test_demo_definition_parses_generated_set(tiny_demo_root):
+    defn = load_definition("demo")
+    ds = load_dataset(defn, resolve_paths(defn, tiny_demo_root))
+    assert len(ds.classes) == 6 and len(ds.records) == 30
+    assert {r.split for r in ds.records} == {"train", "val", "test"}

@@ -1,0 +1,174 @@
+import json
+
+import numpy as np
+import pytest
+
+from extractors.base import AudioSpec, FrameSpec
+from pipelines.decode import VideoSource, iter_frames, output_size, probe, read_audio
+from pipelines.demo import DEMO_CLASSES, DemoSpec, generate_demo, render_clip
+from pipelines.encode import write_video
+from pipelines.errors import (
+    CorruptVideoError,
+    EmptyVideoError,
+    MissingVideoError,
+    NoVideoStreamError,
+    TruncatedVideoError,
+    VideoError,
+)
+from tests.helpers import moving_frames, tone, write_broken_videos
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    return write_broken_videos(tmp_path_factory.mktemp("broken"))
+
+
+def test_fps_and_size_sampling(tmp_path):
+    path = tmp_path / "v.mp4"
+    write_video(path, moving_frames(24), 12, tone(2, 440))
+    info = probe(path)
+    assert (info.width, info.height, info.fps, info.has_audio) == (64, 48, 12.0, True)
+    batches = list(iter_frames(path, FrameSpec(fps=4, size=(32, 24)), chunk=3))
+    stamps = np.concatenate([b.timestamps for b in batches])
+    assert [len(b.frames) for b in batches] == [3, 3, 2]
+    assert batches[0].frames.shape[1:] == (24, 32, 3) and batches[0].frames.dtype == np.uint8
+    np.testing.assert_allclose(np.diff(stamps), 0.25, atol=1e-6)
+    native = np.concatenate([b.timestamps for b in iter_frames(path, FrameSpec())])
+    assert len(native) == 24  # fps=None keeps every frame; fps above native never duplicates
+    assert len(np.concatenate([b.timestamps for b in iter_frames(path, FrameSpec(fps=50))])) == 24
+
+
+def test_sampled_content_is_the_right_frame(tmp_path):
+    path = tmp_path / "v.mp4"
+    frames = moving_frames(24)
+    write_video(path, frames, 12, None, crf=1)
+    got = np.concatenate([b.frames for b in iter_frames(path, FrameSpec(fps=6))])
+    # the moving square's left edge is at x = 4 + i; every other frame is kept
+    for k, frame in enumerate(got):
+        red = np.where(frame[18, :, 0] > 150)[0]
+        assert red.min() == pytest.approx(4 + 2 * k, abs=1)
+
+
+def test_short_side_keeps_aspect():
+    assert output_size(FrameSpec(short_side=24), 64, 48) == (32, 24)
+    assert output_size(FrameSpec(size=(10, 20)), 64, 48) == (10, 20)
+
+
+def test_audio_mono_resampled(tmp_path):
+    path = tmp_path / "v.mp4"
+    write_video(path, moving_frames(24), 12, tone(2, 440))
+    track = read_audio(path, AudioSpec(rate=8000))
+    assert track.rate == 8000 and track.samples.ndim == 1
+    assert abs(len(track.samples) - 16000) < 1200
+    spectrum = np.abs(np.fft.rfft(track.samples[2000:10000]))
+    assert np.fft.rfftfreq(8000, 1 / 8000)[spectrum.argmax()] == pytest.approx(440, abs=5)
+
+
+@pytest.mark.parametrize(
+    "kind, error",
+    [
+        ("corrupt", CorruptVideoError),
+        ("truncated", TruncatedVideoError),
+        ("zero_byte", EmptyVideoError),
+        ("video_less", NoVideoStreamError),
+    ],
+)
+def test_bad_files_raise_errors_naming_the_file(broken, kind, error):
+    with pytest.raises(error) as info:
+        list(iter_frames(broken[kind], FrameSpec(fps=6)))
+    assert str(broken[kind]) in str(info.value) and info.value.fix
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(MissingVideoError, match="VIDEO_ROOT"):
+        probe(tmp_path / "nope.mp4")
+
+
+def test_audio_cases(broken):
+    assert read_audio(broken["no_audio"], AudioSpec()) is None
+    assert np.abs(read_audio(broken["silent"], AudioSpec()).samples).max() < 1e-3
+    assert read_audio(broken["video_less"], AudioSpec()).samples.size > 0
+    with pytest.raises(VideoError):
+        read_audio(broken["corrupt"], AudioSpec())
+
+
+def test_video_source_reuses_decode_and_records_timestamps(tmp_path):
+    path = tmp_path / "v.mp4"
+    write_video(path, moving_frames(24), 12, None)
+    spec = FrameSpec(fps=6)
+    src = VideoSource("v", str(path))
+    first = np.concatenate([b.frames for b in src.frames(spec)])
+    path.unlink()  # a second pass must come from the cache, not the file
+    second = np.concatenate([b.frames for b in src.frames(spec, chunk=5)])
+    np.testing.assert_array_equal(first, second)
+    assert len(src.timestamps[spec]) == 12
+
+
+def test_video_source_does_not_cache_beyond_budget(tmp_path):
+    path = tmp_path / "v.mp4"
+    write_video(path, moving_frames(24), 12, None)
+    src = VideoSource("v", str(path), cache_bytes=1000)
+    list(src.frames(FrameSpec()))
+    path.unlink()
+    with pytest.raises(MissingVideoError):
+        list(src.frames(FrameSpec()))
+
+
+def test_demo_render_is_deterministic_and_varied():
+    spec = DemoSpec()
+    a, audio_a, boxes_a, _ = render_clip(spec, 2, 7)
+    b, audio_b, boxes_b, _ = render_clip(spec, 2, 7)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(audio_a, audio_b)
+    assert boxes_a == boxes_b
+    c, *_ = render_clip(spec, 2, 8)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 5  # nuisance differs per clip
+    assert a.shape == (spec.n_frames, spec.height, spec.width, 3)
+
+
+def test_demo_boxes_cover_the_main_object():
+    spec = DemoSpec(noise_sigma=0.0, max_distractors=1)
+    frames, _, boxes, _ = render_clip(spec, 0, 1)
+    for frame, frame_boxes in zip(frames, boxes):
+        main = [b for b in frame_boxes if b["role"] == "main"][0]["box"]
+        x1, y1, x2, y2 = (int(v) for v in main)
+        assert x2 > x1 and y2 > y1
+        inside = frame[y1 : y2 + 1, x1 : x2 + 1].astype(int)
+        outside = np.ones(frame.shape[:2], bool)
+        outside[y1 : y2 + 1, x1 : x2 + 1] = False
+        # the object's colour differs from the background inside its box
+        assert np.abs(inside.mean((0, 1)) - frame[outside].mean(0)).max() > 10
+
+
+def test_generated_demo_layout(tiny_demo_root):
+    root = tiny_demo_root / "demo"
+    manifest = (root / "annotations" / "manifest.csv").read_text().splitlines()
+    assert len(manifest) == 1 + 6 * 5
+    assert len(DEMO_CLASSES) >= 5
+    vid = manifest[1].split(",")[0]
+    boxes = json.loads((root / "annotations" / "boxes" / f"{vid}.json").read_text())
+    assert len(boxes["frames"]) == DemoSpec().n_frames
+    info = probe(root / manifest[1].split(",")[1])
+    assert (info.width, info.height) == (160, 120)
+
+
+def test_generate_demo_is_byte_deterministic(tmp_path):
+    spec = DemoSpec(clips_per_class=1)
+    generate_demo(tmp_path / "a", spec, workers=1, progress=False)
+    generate_demo(tmp_path / "b", spec, workers=2, progress=False)
+    for path in sorted((tmp_path / "a" / "videos").rglob("*.mp4")):
+        twin = tmp_path / "b" / path.relative_to(tmp_path / "a")
+        assert path.read_bytes() == twin.read_bytes()
+    assert (tmp_path / "a" / "annotations" / "manifest.csv").read_text() == (
+        tmp_path / "b" / "annotations" / "manifest.csv").read_text()
+
+
+def test_demo_audio_kinds_spread_over_splits():
+    spec = DemoSpec()
+    from pipelines.demo import clip_audio_kind, split_of
+
+    kinds = {}
+    for c in range(len(DEMO_CLASSES)):
+        for i in range(spec.clips_per_class):
+            kinds.setdefault(clip_audio_kind(spec, c, i), set()).add(split_of(i))
+    assert kinds["silent"] >= {"train", "test"} and "none" in kinds
