@@ -34,15 +34,17 @@ def write_video(
     height, width = frames.shape[1:3]
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", options=options) as container:
-        video = container.add_stream("libx264", rate=fps)
+        video = container.add_stream(
+            "libx264", rate=fps, options={"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        )
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
         sound = None
         if audio is not None:
             sound = container.add_stream("aac", rate=audio_rate, layout="mono")
-        for frame in frames:
-            packet = video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24"))
-            container.mux(packet)
+        for i, frame in enumerate(frames):
+            out = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            out.pts = i  # without explicit timestamps the output bytes vary run to run
+            container.mux(video.encode(out))
         container.mux(video.encode(None))
         if sound is not None:
             _encode_audio(container, sound, audio, audio_rate)
