@@ -69,7 +69,12 @@ class LogMelStats(Extractor):
         hop = round(c.sample_rate * c.hop_ms / 1000)
         n_fft = 1 << (win - 1).bit_length()
         power = librosa.feature.melspectrogram(
-            y=samples, sr=c.sample_rate, n_fft=n_fft, win_length=win, hop_length=hop, n_mels=c.n_mels
+            y=samples,
+            sr=c.sample_rate,
+            n_fft=n_fft,
+            win_length=win,
+            hop_length=hop,
+            n_mels=c.n_mels,
         )
         logmel = librosa.power_to_db(power, ref=1.0, amin=1e-10, top_db=None)
         mfcc = librosa.feature.mfcc(S=logmel, n_mfcc=c.n_mfcc)
@@ -97,9 +102,9 @@ class LogMelStats(Extractor):
                 attrs={"rms_dbfs": dbfs},
             )
         feats = self._features(samples)
-        stats = np.concatenate(
-            [feats.mean(1), feats.std(1), np.nan_to_num(skew(feats, axis=1))]
-        ).astype(np.float32)
+        stats = np.concatenate([feats.mean(1), feats.std(1), np.nan_to_num(skew(feats, axis=1))]).astype(
+            np.float32
+        )
         logmel = feats[: c.n_mels]
         pyramid = [
             part.mean(1)

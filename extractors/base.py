@@ -135,9 +135,7 @@ class Extractor(ABC):
 
     @property
     def config_hash(self) -> str:
-        payload = json.dumps(
-            {"version": self.version, "config": to_plain(self.config)}, sort_keys=True
-        )
+        payload = json.dumps({"version": self.version, "config": to_plain(self.config)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def cache_key(self, video_id: str) -> str:
@@ -169,11 +167,11 @@ class Extractor(ABC):
     @abstractmethod
     def produces(self) -> dict[str, OutputSpec]: ...
 
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027  (optional hook)
         """Loads models; called once per worker process, not once per video."""
 
     @abstractmethod
     def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result: ...
 
-    def teardown(self) -> None:
+    def teardown(self) -> None:  # noqa: B027  (optional hook)
         """Frees what ``setup`` took."""

@@ -112,7 +112,11 @@ def load_records(cfg: ExtractConfig):
 
     defn = load_definition(cfg.dataset)
     paths = resolve_paths(defn, cfg.data_root, cfg.video_root, cfg.annotation_root)
-    if defn.generator and not cfg.video_root and not (paths.annotations / defn.files.get("manifest", "")).is_file():
+    if (
+        defn.generator
+        and not cfg.video_root
+        and not (paths.annotations / defn.files.get("manifest", "")).is_file()
+    ):
         module, _, func = defn.generator.partition(":")
         print(f"generating the {defn.name} dataset in {paths.root} ...", file=sys.stderr)
         getattr(importlib.import_module(module), func)(paths.root, progress=cfg.progress)
@@ -136,12 +140,21 @@ def cmd_extract(cfg: ExtractConfig) -> int:
     )
     options = ClusterOptions(cfg.workers, cfg.scheduler, cfg.cluster, dict(cfg.jobqueue))
     summary = run_extraction(
-        records, specs, out, options, cfg.shard_size, cfg.max_attempts, cfg.compression, cfg.progress
+        records,
+        specs,
+        out,
+        options,
+        cfg.shard_size,
+        cfg.max_attempts,
+        cfg.compression,
+        cfg.progress,
     )
     print(summary.table())
     if summary.failures:
-        print(f"{len(summary.failures)} failure(s) recorded in {out / 'ledger.jsonl'}; "
-              f"`hallucinate inspect out={out}` lists them")
+        print(
+            f"{len(summary.failures)} failure(s) recorded in {out / 'ledger.jsonl'}; "
+            f"`hallucinate inspect out={out}` lists them"
+        )
     if summary.shard_errors:
         print(f"{len(summary.shard_errors)} shard(s) did not finish; re-run the same command to resume")
         return 1
@@ -158,8 +171,10 @@ def cmd_inspect(cfg: InspectConfig) -> int:
     written = [s for s in index.shards if shard_path(out, s).is_file()]
     size = sum(p.stat().st_size for p in (out / SHARDS).glob("*.h5"))
     n_videos = sum(len(v) for v in index.shards.values())
-    print(f"store {out}: {n_videos} videos in {len(index.shards)} shards "
-          f"({len(written)} written, {size / 2**20:.1f} MiB)")
+    print(
+        f"store {out}: {n_videos} videos in {len(index.shards)} shards "
+        f"({len(written)} written, {size / 2**20:.1f} MiB)"
+    )
     status: dict[str, Counter] = defaultdict(Counter)
     hashes: dict[str, set] = defaultdict(set)
     flags: dict[str, Counter] = defaultdict(Counter)
@@ -178,9 +193,11 @@ def cmd_inspect(cfg: InspectConfig) -> int:
             print(f"{'':<24}flag {flag}: {n}")
     ledger = read_ledger(out)
     print(f"\nledger {out / LEDGER}: {len(ledger)} failure(s)" + (", latest:" if ledger else ""))
-    for row in ledger[-cfg.failures:]:
-        print(f"  [{row['extractor']}] {row['video_id']} attempt {row['attempt']}: "
-              f"{row['error_type']}: {row['message'][:160]}")
+    for row in ledger[-cfg.failures :]:
+        print(
+            f"  [{row['extractor']}] {row['video_id']} attempt {row['attempt']}: "
+            f"{row['error_type']}: {row['message'][:160]}"
+        )
     if cfg.video:
         from pipelines.store import ShardReader
 
@@ -219,9 +236,17 @@ COMMANDS = {
     "extract": (ExtractConfig, cmd_extract, "run extractors over a dataset into HDF5 shards"),
     "inspect": (InspectConfig, cmd_inspect, "summarise a feature store and its failure ledger"),
     "extractors": (None, cmd_extractors, "list the registered extractors"),
-    "fit-codebooks": (None, _not_yet("the IDT / BoW / Fisher-vector work"), "fit PCA/GMM/k-means codebooks"),
+    "fit-codebooks": (
+        None,
+        _not_yet("the IDT / BoW / Fisher-vector work"),
+        "fit PCA/GMM/k-means codebooks",
+    ),
     "train": (None, _not_yet("the trainer"), "train the hallucination model"),
-    "evaluate": (None, _not_yet("the trainer"), "evaluate RGB-only, hallucinated and oracle models"),
+    "evaluate": (
+        None,
+        _not_yet("the trainer"),
+        "evaluate RGB-only, hallucinated and oracle models",
+    ),
 }
 
 

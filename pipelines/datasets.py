@@ -204,14 +204,18 @@ def parse_ssv2(defn: DatasetDef, paths: DatasetPaths):
                     )
                 label = (int(labels[name]),)
             rel = defn.video_template.format(id=item["id"])
-            records.append(VideoRecord(str(item["id"]), str(paths.videos / rel), label, _normalise_split(role)))
+            records.append(
+                VideoRecord(str(item["id"]), str(paths.videos / rel), label, _normalise_split(role))
+            )
     return classes, records
 
 
 @FORMATS.register("ucf101_splits")
 def parse_ucf101(defn: DatasetDef, paths: DatasetPaths):
     """UCF101: classInd.txt, trainlist0N.txt ("Class/v_x.avi 1") and testlist0N.txt."""
-    classes = [line.split()[1] for line in paths.annotation(defn, "classes").read_text().split("\n") if line.strip()]
+    classes = [
+        line.split()[1] for line in paths.annotation(defn, "classes").read_text().split("\n") if line.strip()
+    ]
     index = {c: i for i, c in enumerate(classes)}
     records = []
     for split in ("train", "test"):
@@ -251,7 +255,9 @@ def parse_hmdb51(defn: DatasetDef, paths: DatasetPaths):
             split = {"1": "train", "2": "test"}.get(parts[1])
             if split is None:
                 raise DatasetError(f"{f}: line {line!r} must end in 0, 1 or 2")
-            records.append(VideoRecord(Path(parts[0]).stem, str(paths.videos / cls / parts[0]), (index[cls],), split))
+            records.append(
+                VideoRecord(Path(parts[0]).stem, str(paths.videos / cls / parts[0]), (index[cls],), split)
+            )
     return classes, records
 
 
@@ -269,7 +275,9 @@ def parse_charades(defn: DatasetDef, paths: DatasetPaths):
             for action in filter(None, (row.get("actions") or "").split(";")):
                 code = action.split()[0]
                 if code not in index:
-                    raise DatasetError(f"{paths.annotation(defn, role)}: unknown action {code!r} in video {row['id']}")
+                    raise DatasetError(
+                        f"{paths.annotation(defn, role)}: unknown action {code!r} in video {row['id']}"
+                    )
                 labels.add(index[code])
             rel = defn.video_template.format(id=row["id"])
             records.append(VideoRecord(row["id"], str(paths.videos / rel), tuple(sorted(labels)), role))
@@ -307,7 +315,10 @@ def parse_folder(defn: DatasetDef, paths: DatasetPaths):
             if video.suffix.lower() not in VIDEO_EXTENSIONS:
                 continue
             draw = (zlib.crc32(video.stem.encode()) % 10_000) / 10_000
-            split = "test" if draw < defn.test_fraction else (
-                "val" if draw < defn.test_fraction + defn.val_fraction else "train")
+            split = (
+                "test"
+                if draw < defn.test_fraction
+                else ("val" if draw < defn.test_fraction + defn.val_fraction else "train")
+            )
             records.append(VideoRecord(video.stem, str(video), (i,), split))
     return classes, records

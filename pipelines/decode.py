@@ -122,9 +122,7 @@ def iter_frames(path: str | Path, spec: FrameSpec, chunk: int = 32) -> Iterator[
                 if step:
                     while next_time <= t + 1e-6:
                         next_time += step
-                frames.append(
-                    frame.to_ndarray(format="rgb24", width=width, height=height)
-                )
+                frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
                 stamps.append(t)
                 if len(frames) == chunk:
                     yield FrameBatch(np.stack(frames), np.asarray(stamps))

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from pipelines.encode import write_video
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,12 @@ class DemoSpec:
     noise_sigma: float = 6.0
     silent_p: float = 0.05  # clips with an all-zero audio track
     no_audio_p: float = 0.03  # clips with no audio stream at all
+    bit_rate: int = 600_000  # MPEG-4 part 2, chosen for byte-identical output
 
 
 def _polygon(shape: str, radius: float, angle: float) -> list[np.ndarray]:
     """Outline(s) of a shape; rotation is visible on every shape (see the notch)."""
+
     def rot(points: np.ndarray) -> np.ndarray:
         c, s = math.cos(angle), math.sin(angle)
         return points @ np.array([[c, s], [-s, c]])
@@ -98,8 +100,10 @@ def _polygon(shape: str, radius: float, angle: float) -> list[np.ndarray]:
         return [rot(np.stack([np.cos(t), np.sin(t)], 1) * radius * 1.1)]
     if shape == "cross":
         a, b = 1.1 * radius, 0.35 * radius
-        return [rot(np.array([[-a, -b], [a, -b], [a, b], [-a, b]])),
-                rot(np.array([[-b, -a], [b, -a], [b, a], [-b, a]]))]
+        return [
+            rot(np.array([[-a, -b], [a, -b], [a, b], [-a, b]])),
+            rot(np.array([[-b, -a], [b, -a], [b, a], [-b, a]])),
+        ]
     raise ValueError(f"unknown demo shape {shape!r}")
 
 
@@ -181,22 +185,25 @@ def render_clip(spec: DemoSpec, class_index: int, clip_index: int):
     radius = rng.uniform(10, 15)
     speed = rng.uniform(0.6, 1.5)
     dx, dy, angle, scale = _trajectory(cls.motion, T, speed, rng, radius)
-    color = tuple(float(v) for v in rng.permutation([rng.uniform(200, 255), rng.uniform(0, 60),
-                                                      rng.uniform(0, 255)]))
+    color = tuple(
+        float(v) for v in rng.permutation([rng.uniform(200, 255), rng.uniform(0, 60), rng.uniform(0, 255)])
+    )
     margin = 48
     background = _background(rng, W, H, margin)
     pan = rng.uniform(-1.2, 1.2) if rng.random() < spec.pan_p else 0.0
     offset0 = margin / 2
     distractors = []
     for _ in range(rng.integers(1, spec.max_distractors + 1)):
-        distractors.append({
-            "shape": SHAPES[rng.integers(len(SHAPES))],
-            "pos": rng.uniform([0.1 * W, 0.1 * H], [0.9 * W, 0.9 * H]),
-            "vel": rng.normal(0, 0.6, 2),
-            "radius": rng.uniform(5, 8),
-            "angle": rng.uniform(0, math.pi),
-            "color": tuple(float(v) for v in rng.uniform(60, 190, 3)),
-        })
+        distractors.append(
+            {
+                "shape": SHAPES[rng.integers(len(SHAPES))],
+                "pos": rng.uniform([0.1 * W, 0.1 * H], [0.9 * W, 0.9 * H]),
+                "vel": rng.normal(0, 0.6, 2),
+                "radius": rng.uniform(5, 8),
+                "angle": rng.uniform(0, math.pi),
+                "color": tuple(float(v) for v in rng.uniform(60, 190, 3)),
+            }
+        )
     frames = np.empty((T, H, W, 3), np.uint8)
     boxes = []
     centers = []
@@ -248,14 +255,26 @@ def _make_clip(args) -> dict:
     elif kind == "none":
         audio = None
     rel = Path("videos") / cls.name / f"{video_id}.mp4"
-    write_video(root / rel, frames, spec.fps, audio, spec.audio_rate)
+    write_video(root / rel, frames, spec.fps, audio, spec.audio_rate, codec="mpeg4", bit_rate=spec.bit_rate)
     box_file = root / "annotations" / "boxes" / f"{video_id}.json"
-    box_file.write_text(json.dumps({
-        "width": spec.width, "height": spec.height, "fps": spec.fps, "frames": boxes,
-        "nuisance": nuisance,
-    }))
-    return {"video_id": video_id, "path": rel.as_posix(), "label": cls.name,
-            "split": split_of(clip_index), "audio": kind}
+    box_file.write_text(
+        json.dumps(
+            {
+                "width": spec.width,
+                "height": spec.height,
+                "fps": spec.fps,
+                "frames": boxes,
+                "nuisance": nuisance,
+            }
+        )
+    )
+    return {
+        "video_id": video_id,
+        "path": rel.as_posix(),
+        "label": cls.name,
+        "split": split_of(clip_index),
+        "audio": kind,
+    }
 
 
 def demo_is_current(root: Path, spec: DemoSpec) -> bool:
@@ -301,7 +320,7 @@ def generate_demo(
         writer.writeheader()
         writer.writerows(rows)
     (root / "annotations" / "classes.txt").write_text("\n".join(c.name for c in DEMO_CLASSES) + "\n")
-    (root / "demo.json").write_text(json.dumps(
-        {"generator_version": GENERATOR_VERSION, "spec": dataclasses.asdict(spec)}
-    ))
+    (root / "demo.json").write_text(
+        json.dumps({"generator_version": GENERATOR_VERSION, "spec": dataclasses.asdict(spec)})
+    )
     return manifest

@@ -77,7 +77,8 @@ class RunSummary:
             computed = c["done"] + c["flagged"] + c["failed"]
             per = self.seconds[name] / computed if computed else 0.0
             lines.append(
-                f"{name:<24}" + "".join(f"{c[k]:>10}" for k in cols)
+                f"{name:<24}"
+                + "".join(f"{c[k]:>10}" for k in cols)
                 + f"{self.seconds[name]:>10.2f}{per:>10.4f}"
             )
         rate = self.videos / self.wall_seconds if self.wall_seconds else 0.0
@@ -114,8 +115,12 @@ def plan_jobs(
             continue
         jobs.append(
             ShardJob(
-                str(out), shard, by_shard[shard], list(specs),
-                shard_videos=tuple(index.shards[shard]), max_attempts=max_attempts,
+                str(out),
+                shard,
+                by_shard[shard],
+                list(specs),
+                shard_videos=tuple(index.shards[shard]),
+                max_attempts=max_attempts,
                 compression=compression,
             )
         )
@@ -172,13 +177,16 @@ def open_client(options: ClusterOptions) -> Iterator[Any]:
             f"{', '.join(JOBQUEUE_CLUSTERS)}, or scheduler=tcp://host:port"
         )
     workers = options.workers or os.cpu_count() or 1
-    with LocalCluster(
-        n_workers=workers,
-        threads_per_worker=options.threads_per_worker,
-        processes=True,
-        dashboard_address=None,
-        silence_logs=logging.ERROR,
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=options.threads_per_worker,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -206,8 +214,14 @@ def run_extraction(
         for spec in specs:
             summary.counts[spec.cls.name]["reused"] += n
     summary.videos += sum(complete.values())
-    bar = tqdm(total=len(records), initial=sum(complete.values()), unit="video",
-               desc="extract", disable=not progress, smoothing=0.1)
+    bar = tqdm(
+        total=len(records),
+        initial=sum(complete.values()),
+        unit="video",
+        desc="extract",
+        disable=not progress,
+        smoothing=0.1,
+    )
     try:
         if options.workers == 0 and not options.scheduler and options.cluster == "local":
             pool = ExtractorPool()
@@ -246,11 +260,15 @@ def _run_on_dask(
                     raise
                 except Exception as exc:  # a dead worker or a bug: this shard resumes next run
                     error = {
-                        "time": time.time(), "video_id": "*", "path": "", "extractor": "*",
+                        "time": time.time(),
+                        "video_id": "*",
+                        "path": "",
+                        "extractor": "*",
                         "error_type": type(exc).__name__,
                         "message": f"shard {job.shard} did not finish ({exc}); finished videos "
-                                   "are staged, re-run the same command to resume it",
-                        "attempt": 0, "shard": job.shard,
+                        "are staged, re-run the same command to resume it",
+                        "attempt": 0,
+                        "shard": job.shard,
                     }
                     summary.shard_errors.append(error)
                     append_ledger(out, [error])

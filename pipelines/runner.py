@@ -184,8 +184,7 @@ def process_shard(
     members = set(job.shard_videos) | {r.video_id for r in job.videos}
     for name, extractor in extractors.items():
         if all(
-            (e := state.get(vid, name)) is not None
-            and e.settled(extractor.config_hash, job.max_attempts)
+            (e := state.get(vid, name)) is not None and e.settled(extractor.config_hash, job.max_attempts)
             for vid in members
         ):
             complete[name] = extractor.config_hash

@@ -43,16 +43,18 @@ def test_missing_video_root_names_it_and_the_fix(tmp_path):
 
 
 def test_kinetics_csv(tmp_path):
-    defn, paths = _defn(tmp_path, format="kinetics_csv", files={"train": "train.csv", "test": "test.csv"},
-                        video_template="{split}/{id}.mp4")
+    defn, paths = _defn(
+        tmp_path,
+        format="kinetics_csv",
+        files={"train": "train.csv", "test": "test.csv"},
+        video_template="{split}/{id}.mp4",
+    )
     (paths.annotations / "train.csv").write_text(
         "label,youtube_id,time_start,time_end,split\n"
         "abseiling,---QUuC4vJs,3,13,train\n"
         "air drumming,--nQbRBEz2s,104,114,train\n"
     )
-    (paths.annotations / "test.csv").write_text(
-        "youtube_id,time_start,time_end,split\nzzz_abc,0,10,test\n"
-    )
+    (paths.annotations / "test.csv").write_text("youtube_id,time_start,time_end,split\nzzz_abc,0,10,test\n")
     ds = load_dataset(defn, paths)
     assert ds.classes == ["abseiling", "air drumming"]
     first = ds.records[0]
@@ -69,30 +71,61 @@ def test_kinetics_bad_row_names_file(tmp_path):
 
 
 def test_ssv2_json(tmp_path):
-    defn, paths = _defn(tmp_path, format="ssv2_json", video_template="{id}.webm",
-                        files={"labels": "labels.json", "train": "train.json", "val": "validation.json"})
-    (paths.annotations / "labels.json").write_text(json.dumps(
-        {"Holding something next to something": "1", "Approaching something with your camera": "0"}))
-    (paths.annotations / "train.json").write_text(json.dumps([
-        {"id": "78687", "label": "holding potato next to bottle",
-         "template": "Holding [something] next to [something]", "placeholders": ["potato", "bottle"]}]))
-    (paths.annotations / "validation.json").write_text(json.dumps([
-        {"id": "24", "template": "Approaching [something] with your camera"}]))
+    defn, paths = _defn(
+        tmp_path,
+        format="ssv2_json",
+        video_template="{id}.webm",
+        files={"labels": "labels.json", "train": "train.json", "val": "validation.json"},
+    )
+    (paths.annotations / "labels.json").write_text(
+        json.dumps(
+            {
+                "Holding something next to something": "1",
+                "Approaching something with your camera": "0",
+            }
+        )
+    )
+    (paths.annotations / "train.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": "78687",
+                    "label": "holding potato next to bottle",
+                    "template": "Holding [something] next to [something]",
+                    "placeholders": ["potato", "bottle"],
+                }
+            ]
+        )
+    )
+    (paths.annotations / "validation.json").write_text(
+        json.dumps([{"id": "24", "template": "Approaching [something] with your camera"}])
+    )
     ds = load_dataset(defn, paths)
-    assert ds.classes == ["Approaching something with your camera", "Holding something next to something"]
-    assert {(r.video_id, r.labels, r.split) for r in ds.records} == {("78687", (1,), "train"), ("24", (0,), "val")}
+    assert ds.classes == [
+        "Approaching something with your camera",
+        "Holding something next to something",
+    ]
+    assert {(r.video_id, r.labels, r.split) for r in ds.records} == {
+        ("78687", (1,), "train"),
+        ("24", (0,), "val"),
+    }
     assert ds.records[0].path.endswith("78687.webm")
 
 
 def test_ucf101_splits(tmp_path):
-    defn, paths = _defn(tmp_path, format="ucf101_splits", files={
-        "classes": "classInd.txt", "train1": "trainlist01.txt", "test1": "testlist01.txt"})
+    defn, paths = _defn(
+        tmp_path,
+        format="ucf101_splits",
+        files={"classes": "classInd.txt", "train1": "trainlist01.txt", "test1": "testlist01.txt"},
+    )
     (paths.annotations / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 Archery\n")
     (paths.annotations / "trainlist01.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\n")
     (paths.annotations / "testlist01.txt").write_text("Archery/v_Archery_g01_c01.avi\n")
     ds = load_dataset(defn, paths)
     assert [(r.video_id, r.labels, r.split) for r in ds.records] == [
-        ("v_ApplyEyeMakeup_g08_c01", (0,), "train"), ("v_Archery_g01_c01", (1,), "test")]
+        ("v_ApplyEyeMakeup_g08_c01", (0,), "train"),
+        ("v_Archery_g01_c01", (1,), "test"),
+    ]
 
 
 def test_hmdb51_splits(tmp_path):
@@ -104,16 +137,27 @@ def test_hmdb51_splits(tmp_path):
     ds = load_dataset(defn, paths)
     assert ds.classes == ["brush_hair", "cartwheel"]
     assert [(r.video_id, r.labels, r.split) for r in ds.records] == [
-        ("a", (0,), "train"), ("b", (0,), "test"), ("d", (1,), "train")]
+        ("a", (0,), "train"),
+        ("b", (0,), "test"),
+        ("d", (1,), "train"),
+    ]
     assert ds.records[0].path == str(paths.videos / "brush_hair" / "a.avi")
 
 
 def test_charades_multilabel(tmp_path):
-    defn, paths = _defn(tmp_path, format="charades_csv", multilabel=True, files={
-        "classes": "classes.txt", "train": "train.csv", "test": "test.csv"})
-    (paths.annotations / "classes.txt").write_text("c000 Holding some clothes\nc001 Putting clothes somewhere\nc002 Taking a cup\n")
+    defn, paths = _defn(
+        tmp_path,
+        format="charades_csv",
+        multilabel=True,
+        files={"classes": "classes.txt", "train": "train.csv", "test": "test.csv"},
+    )
+    (paths.annotations / "classes.txt").write_text(
+        "c000 Holding some clothes\nc001 Putting clothes somewhere\nc002 Taking a cup\n"
+    )
     header = "id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length\n"
-    (paths.annotations / "train.csv").write_text(header + '46GP8,HR43,Kitchen,6,7,Yes,s,food,d,c002 11.90 21.20;c000 0.00 12.60,24.8\n')
+    (paths.annotations / "train.csv").write_text(
+        header + "46GP8,HR43,Kitchen,6,7,Yes,s,food,d,c002 11.90 21.20;c000 0.00 12.60,24.8\n"
+    )
     (paths.annotations / "test.csv").write_text(header + "ZZZ01,HR43,Kitchen,6,7,Yes,s,o,d,,10\n")
     ds = load_dataset(defn, paths)
     assert ds.multilabel

@@ -41,7 +41,7 @@ def test_fps_and_size_sampling(tmp_path):
 def test_sampled_content_is_the_right_frame(tmp_path):
     path = tmp_path / "v.mp4"
     frames = moving_frames(24)
-    write_video(path, frames, 12, None, crf=1)
+    write_video(path, frames, 12, None, bit_rate=4_000_000)
     got = np.concatenate([b.frames for b in iter_frames(path, FrameSpec(fps=6))])
     # the moving square's left edge is at x = 4 + i; every other frame is kept
     for k, frame in enumerate(got):
@@ -129,7 +129,7 @@ def test_demo_render_is_deterministic_and_varied():
 def test_demo_boxes_cover_the_main_object():
     spec = DemoSpec(noise_sigma=0.0, max_distractors=1)
     frames, _, boxes, _ = render_clip(spec, 0, 1)
-    for frame, frame_boxes in zip(frames, boxes):
+    for frame, frame_boxes in zip(frames, boxes, strict=True):
         main = [b for b in frame_boxes if b["role"] == "main"][0]["box"]
         x1, y1, x2, y2 = (int(v) for v in main)
         assert x2 > x1 and y2 > y1
@@ -160,7 +160,8 @@ def test_generate_demo_is_byte_deterministic(tmp_path):
         twin = tmp_path / "b" / path.relative_to(tmp_path / "a")
         assert path.read_bytes() == twin.read_bytes()
     assert (tmp_path / "a" / "annotations" / "manifest.csv").read_text() == (
-        tmp_path / "b" / "annotations" / "manifest.csv").read_text()
+        tmp_path / "b" / "annotations" / "manifest.csv"
+    ).read_text()
 
 
 def test_demo_audio_kinds_spread_over_splits():
