@@ -96,8 +96,8 @@ def plan_jobs(
     shard_size: int,
     max_attempts: int,
     compression: str | None,
-) -> tuple[list[ShardJob], dict[str, int]]:
-    """Shard jobs that still have work, and the video count of each complete shard."""
+) -> tuple[list[ShardJob], dict[str, dict[str, dict[str, int]]]]:
+    """Shard jobs that still have work, and the status counts of each complete shard."""
     out.mkdir(parents=True, exist_ok=True)
     index = ShardIndex.load(out)
     index.assign([r.video_id for r in records], shard_size)
@@ -109,9 +109,9 @@ def plan_jobs(
     wanted = {spec.cls.name: spec.build().config_hash for spec in specs}
     jobs, complete = [], {}
     for shard in sorted(by_shard):
-        done = read_complete(out, shard)
+        done, counts = read_complete(out, shard)
         if all(done.get(name) == h for name, h in wanted.items()):
-            complete[shard] = len(by_shard[shard])
+            complete[shard] = {name: counts.get(name, {}) for name in wanted}
             continue
         jobs.append(
             ShardJob(
@@ -210,13 +210,15 @@ def run_extraction(
     started = time.perf_counter()
     jobs, complete = plan_jobs(records, specs, out, shard_size, max_attempts, compression)
     summary = RunSummary(skipped_shards=len(complete))
-    for n in complete.values():
-        for spec in specs:
-            summary.counts[spec.cls.name]["reused"] += n
-    summary.videos += sum(complete.values())
+    for shard_counts in complete.values():
+        for name, counts in shard_counts.items():
+            summary.counts[name]["given_up"] += counts.get("failed", 0)
+            summary.counts[name]["reused"] += sum(counts.values()) - counts.get("failed", 0)
+    skipped_videos = len(records) - sum(len(job.videos) for job in jobs)
+    summary.videos += skipped_videos
     bar = tqdm(
         total=len(records),
-        initial=sum(complete.values()),
+        initial=skipped_videos,
         unit="video",
         desc="extract",
         disable=not progress,

@@ -181,17 +181,17 @@ def process_shard(
         progress(1)
 
     complete = {k: v for k, v in state.complete.items() if k not in extractors}
-    members = set(job.shard_videos) | {r.video_id for r in job.videos}
+    members = sorted(set(job.shard_videos) | {r.video_id for r in job.videos})
+    status_counts = {}
     for name, extractor in extractors.items():
-        if all(
-            (e := state.get(vid, name)) is not None and e.settled(extractor.config_hash, job.max_attempts)
-            for vid in members
-        ):
+        entries = [state.get(vid, name) for vid in members]
+        if all(e is not None and e.settled(extractor.config_hash, job.max_attempts) for e in entries):
             complete[name] = extractor.config_hash
+        status_counts[name] = dict(Counter(e.status for e in entries if e is not None))
     video_attrs = {
         r.video_id: {"path": r.path, "split": r.split, "labels": list(r.labels)} for r in job.videos
     }
-    write_shard(state.path, state.new, complete, video_attrs, job.compression)
+    write_shard(state.path, state.new, complete, video_attrs, job.compression, status_counts)
     state.staging.clear()
     return report
 

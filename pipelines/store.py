@@ -119,6 +119,7 @@ class ShardIndex:
 
     def save(self, root: str | Path) -> None:
         data = json.dumps({"format": FORMAT_VERSION, "shards": self.shards}, indent=0)
+        Path(root).mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(Path(root) / INDEX, data.encode())
 
     def video_to_shard(self) -> dict[str, str]:
@@ -141,17 +142,18 @@ def shard_path(root: str | Path, shard: str) -> Path:
     return Path(root) / SHARDS / f"{shard}.h5"
 
 
-def read_complete(root: str | Path, shard: str) -> dict[str, str]:
-    """The shard's ``complete`` map: extractor -> config hash settled for every video.
+def read_complete(root: str | Path, shard: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """The shard's ``complete`` map (extractor -> config hash settled for every
+    video) and its per-extractor status counts.
 
     Only root attributes are read, so planning a run over thousands of
     shards costs one small read per shard.
     """
     path = shard_path(root, shard)
     if not path.is_file():
-        return {}
+        return {}, {}
     with h5py.File(path, "r", locking=False) as f:
-        return json.loads(f.attrs.get("complete", "{}"))
+        return json.loads(f.attrs.get("complete", "{}")), json.loads(f.attrs.get("status_counts", "{}"))
 
 
 # ---------------------------------------------------------------- staging
@@ -259,6 +261,7 @@ def write_shard(
     complete: dict[str, str],
     video_attrs: dict[str, dict[str, Any]],
     compression: str | None = "gzip",
+    status_counts: dict[str, dict[str, int]] | None = None,
 ) -> None:
     """Writes old content plus ``new`` to a temporary file, then renames it over ``path``.
 
@@ -287,6 +290,7 @@ def write_shard(
             dst.attrs["format"] = FORMAT_VERSION
             dst.attrs["shard"] = path.stem
             dst.attrs["complete"] = json.dumps(complete, sort_keys=True)
+            dst.attrs["status_counts"] = json.dumps(status_counts or {}, sort_keys=True)
             dst.attrs["written"] = time.time()
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())

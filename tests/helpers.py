@@ -1,14 +1,16 @@
 """Test-only extractors and files, importable by spawned dask workers.
 
 ``test.frame_stats`` decodes frames and writes one marker file per call, so
-tests can prove that finished work is not recomputed. It kills its own
-worker process (``os._exit``) on a video whose id has a marker in
-``$HALLUCINATE_TEST_CRASH``, which is how a test simulates a worker dying in
-the middle of a shard.
+tests can prove that finished work is not recomputed. Marker files named
+after a video plant faults on it: in ``$HALLUCINATE_TEST_CRASH`` the worker
+process dies (``os._exit``), as if killed in the middle of a shard; in
+``$HALLUCINATE_TEST_FAIL`` processing raises; in
+``$HALLUCINATE_TEST_DISK_FULL`` it raises ENOSPC.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Mapping
@@ -23,6 +25,8 @@ from pipelines.encode import write_audio_only, write_video
 
 CALLS_ENV = "HALLUCINATE_TEST_CALLS"
 CRASH_ENV = "HALLUCINATE_TEST_CRASH"
+FAIL_ENV = "HALLUCINATE_TEST_FAIL"
+DISK_FULL_ENV = "HALLUCINATE_TEST_DISK_FULL"
 
 
 @dataclass
@@ -51,9 +55,12 @@ class FrameStats(Extractor):
         if calls:
             Path(calls).mkdir(parents=True, exist_ok=True)
             (Path(calls) / f"{video.video_id}@{uuid.uuid4().hex}").touch()
-        crash = os.environ.get(CRASH_ENV)
-        if crash and (Path(crash) / video.video_id).exists():
+        if _marked(CRASH_ENV, video.video_id):
             os._exit(17)
+        if _marked(FAIL_ENV, video.video_id):
+            raise RuntimeError(f"planted failure on {video.video_id}")
+        if _marked(DISK_FULL_ENV, video.video_id):
+            raise OSError(errno.ENOSPC, "No space left on device")
         means = [b.frames.reshape(len(b.frames), -1, 3).mean(1) for b in video.frames(self.needs().frames)]
         per_frame = np.concatenate(means).astype(np.float32)
         return Result({"per_frame": per_frame, "mean": per_frame.mean(0)})
@@ -79,6 +86,12 @@ class ScaledMean(Extractor):
 
     def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
         return Result({"scaled": inputs["test.frame_stats"].arrays["mean"] * self.config.factor})
+
+
+def _marked(env: str, video_id: str) -> bool:
+    """A marker file named after the video in the folder ``$env`` names."""
+    folder = os.environ.get(env)
+    return bool(folder) and (Path(folder) / video_id).exists()
 
 
 def calls_per_video(calls_dir: Path) -> dict[str, int]:
