@@ -1,0 +1,117 @@
+"""Every registered extractor, tested through the same contract (timm-style).
+
+A new extractor is covered here by being registered: its outputs must match
+what it declares, be deterministic, and turn bad input into an error that
+names the file. Family-specific behaviour gets its own tests below.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from extractors import get_extractor_class, list_extractors
+from extractors.base import Extractor, Result
+from pipelines.decode import VideoSource
+from pipelines.errors import VideoError
+from tests.helpers import tone, write_broken_videos
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    return write_broken_videos(tmp_path_factory.mktemp("broken"))
+
+
+def run(name: str, path, video_id="v") -> Result:
+    """Runs ``name`` and, first, whatever it reads, as the orchestrator would."""
+    video = VideoSource(video_id, str(path))
+    results: dict[str, Result] = {}
+
+    def resolve(n: str) -> Result:
+        if n not in results:
+            ex = get_extractor_class(n)()
+            ex.setup()
+            inputs = {d: resolve(d) for d in ex.needs().inputs}
+            results[n] = ex.process(video, inputs)
+        return results[n]
+
+    return resolve(name)
+
+
+@pytest.mark.parametrize("name", list_extractors())
+def test_declared_schema(name, broken):
+    ex: Extractor = get_extractor_class(name)()
+    assert dataclasses.is_dataclass(ex.Config) and ex.version
+    result = run(name, broken["good"])
+    produced = ex.produces()
+    assert set(result.arrays) == set(produced), "outputs must match produces()"
+    for key, spec in produced.items():
+        array = result.arrays[key]
+        assert str(array.dtype) == spec.dtype, key
+        assert len(array.shape) == len(spec.shape), key
+        for got, want in zip(array.shape, spec.shape, strict=True):
+            assert want is None or got == want, (key, array.shape, spec.shape)
+        assert np.isfinite(array).all(), key
+
+
+@pytest.mark.parametrize("name", list_extractors())
+def test_deterministic(name, broken):
+    first, second = run(name, broken["good"]), run(name, broken["good"])
+    for key in first.arrays:
+        np.testing.assert_array_equal(first.arrays[key], second.arrays[key])
+
+
+@pytest.mark.parametrize("name", list_extractors())
+@pytest.mark.parametrize("kind", ["corrupt", "zero_byte"])
+def test_bad_input_names_the_file(name, kind, broken):
+    needs = get_extractor_class(name)().needs()
+    if needs.frames is None and needs.audio is None and not needs.inputs:
+        pytest.skip("reads no media")
+    with pytest.raises(VideoError) as info:
+        run(name, broken[kind])
+    assert str(broken[kind]) in str(info.value)
+
+
+@pytest.mark.parametrize("name", list_extractors())
+def test_config_hash_tracks_config_and_version(name):
+    cls = get_extractor_class(name)
+    ex = cls()
+    assert ex.config_hash == cls().config_hash
+    fields = [f for f in dataclasses.fields(cls.Config) if f.type in ("int", "float", int, float)]
+    if fields:
+        changed = cls(
+            dataclasses.replace(ex.config, **{fields[0].name: getattr(ex.config, fields[0].name) + 1})
+        )
+        assert changed.config_hash != ex.config_hash
+
+
+# ---------------------------------------------------------------- audio.logmel
+
+
+def test_audio_tones_differ_in_the_expected_mel_bands(tmp_path):
+    from pipelines.encode import write_video
+    from tests.helpers import moving_frames
+
+    low, high = tmp_path / "low.mp4", tmp_path / "high.mp4"
+    write_video(low, moving_frames(24), 12, tone(2, 300))
+    write_video(high, moving_frames(24), 12, tone(2, 3000))
+    n_mels = get_extractor_class("audio.logmel")().config.n_mels
+    mean_low = run("audio.logmel", low).arrays["stats"][:n_mels]
+    mean_high = run("audio.logmel", high).arrays["stats"][:n_mels]
+    import librosa
+
+    centres = librosa.mel_frequencies(n_mels + 2, fmax=8000)[1:-1]
+    assert abs(centres[mean_low.argmax()] - 300) < 120
+    assert abs(centres[mean_high.argmax()] - 3000) < 400
+    assert mean_low[: n_mels // 4].mean() > mean_high[: n_mels // 4].mean()
+
+
+def test_audio_missing_and_silent_are_flagged_not_zero(broken):
+    for kind, reason in (("no_audio", "no audio stream"), ("silent", "silent")):
+        result = run("audio.logmel", broken[kind])
+        assert result.arrays == {}
+        assert reason in result.flags["no_audio"]
+
+
+def test_audio_of_a_video_less_file_still_works(broken):
+    assert run("audio.logmel", broken["video_less"]).arrays["stats"].shape == (372,)
