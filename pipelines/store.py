@@ -22,6 +22,8 @@ import io
 import json
 import os
 import time
+import zlib
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ STAGING = "staging"
 INDEX = "index.json"
 LEDGER = "ledger.jsonl"
 TIMESTAMPS = "_timestamps"  # frame times (s) an extractor's output was computed from
+OFFSETS = "@index"  # offset table; "@" is escaped in video group names, so it cannot clash
 
 DONE, FLAGGED, FAILED = "done", "flagged", "failed"
 
@@ -211,6 +214,20 @@ class Staging:
 # ---------------------------------------------------------------- shard files
 
 
+def worth_compressing(array: np.ndarray, min_saving: float = 0.25) -> bool:
+    """True when gzip saves at least ``min_saving`` of the bytes.
+
+    Dense float descriptors (means, eigenvectors, sketches) barely compress,
+    and stored uncompressed and contiguous they can be served by one
+    ``pread`` (see ``ShardReader``); sparse ones (BoW histograms, one-hot
+    class blocks, quantised flow) shrink a lot and stay compressed.
+    """
+    if array.size < 64:
+        return False
+    sample = np.ascontiguousarray(array.reshape(-1)[:65536]).tobytes()
+    return len(zlib.compress(sample, 1)) < (1 - min_saving) * len(sample)
+
+
 def _write_entry(group: h5py.Group, entry: Entry, compression: str | None) -> None:
     group.attrs["status"] = entry.status
     group.attrs["flags"] = json.dumps(entry.flags)
@@ -218,13 +235,28 @@ def _write_entry(group: h5py.Group, entry: Entry, compression: str | None) -> No
         group.attrs[key] = value
     for name, array in entry.arrays.items():
         array = np.asarray(array)
-        big = array.size >= 64
-        group.create_dataset(
-            name,
-            data=array,
-            compression=compression if big else None,
-            shuffle=big and compression is not None,
-        )
+        squeeze = compression is not None and worth_compressing(array)
+        group.create_dataset(name, data=array, compression=compression if squeeze else None, shuffle=squeeze)
+
+
+def _offset_table(f: h5py.File) -> dict[str, dict[str, list]]:
+    """video group -> "extractor/output" -> [byte offset, dtype, shape] of every
+    contiguous uncompressed dataset, so readers can skip HDF5's per-object
+    open (tens of microseconds) and read the bytes directly."""
+    table: dict[str, dict[str, list]] = {}
+    for vname, vgroup in f.items():
+        if vname.startswith("@"):
+            continue
+        for extractor, egroup in vgroup.items():
+            for output, ds in egroup.items():
+                offset = ds.id.get_offset()
+                if ds.chunks is None and ds.size and offset is not None:
+                    table.setdefault(vname, {})[f"{extractor}/{output}"] = [
+                        int(offset),
+                        ds.dtype.str,
+                        list(ds.shape),
+                    ]
+    return table
 
 
 def _read_entry(group: h5py.Group, with_arrays: bool = True) -> Entry:
@@ -244,6 +276,8 @@ def read_shard(
         return entries, {}
     with h5py.File(path, "r", locking=False) as f:
         for vname, vgroup in f.items():
+            if vname.startswith("@"):  # the offset table, not a video
+                continue
             for extractor, egroup in vgroup.items():
                 entries[(unquote(vname), extractor)] = _read_entry(egroup, with_arrays)
         return entries, json.loads(f.attrs.get("complete", "{}"))
@@ -270,11 +304,14 @@ def write_shard(
     shard and the staging folder are left untouched.
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with h5py.File(tmp, "w") as dst:
             if path.is_file():
                 with h5py.File(path, "r", locking=False) as src:
                     for vname, vgroup in src.items():
+                        if vname.startswith("@"):
+                            continue
                         out = dst.require_group(vname)
                         out.attrs.update(vgroup.attrs)
                         for extractor in vgroup:
@@ -292,6 +329,9 @@ def write_shard(
             dst.attrs["complete"] = json.dumps(complete, sort_keys=True)
             dst.attrs["status_counts"] = json.dumps(status_counts or {}, sort_keys=True)
             dst.attrs["written"] = time.time()
+            dst.flush()
+            table = json.dumps(_offset_table(dst)).encode()
+            dst.create_dataset(OFFSETS, data=np.frombuffer(table, np.uint8))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -327,13 +367,17 @@ def read_ledger(root: str | Path) -> list[dict[str, Any]]:
 class ShardReader:
     """Random access to descriptors by video id, for the trainer.
 
-    Files are opened lazily and per process: after a fork (DataLoader
-    workers) the inherited handles are dropped and reopened, and pickling
-    the reader carries only the root, so it is safe under both fork and
-    spawn. Descriptors are named ``"<extractor>/<output>"``.
+    Descriptors are named ``"<extractor>/<output>"``. Uncompressed arrays are
+    read with one ``pread`` at the offset the shard's ``@index`` table
+    records, which is what makes tens of thousands of random reads per second
+    possible; compressed ones go through h5py. Files are opened lazily and
+    per process: after a fork (DataLoader workers) inherited handles are
+    dropped and reopened, and pickling carries only the root, so the reader
+    is safe under both fork and spawn. A shard replaced by a re-run while
+    open keeps being read consistently from the old file until reopened.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, max_open_datasets: int = 4096) -> None:
         self.root = Path(root)
         index = ShardIndex.load(self.root)
         if not index.shards:
@@ -342,33 +386,47 @@ class ShardReader:
                 f"{self.root}. Run `make extract` (or `hallucinate extract out={self.root}`) first."
             )
         self._where = index.video_to_shard()
-        self._files: dict[str, h5py.File] = {}
-        self._datasets: dict[tuple[str, str], h5py.Dataset] = {}
+        self._max_open = max_open_datasets
+        self._reset()
+
+    def _reset(self) -> None:
         self._pid = os.getpid()
+        self._files: dict[str, h5py.File] = {}
+        self._fds: dict[str, int] = {}
+        self._tables: dict[str, dict[str, dict[str, list]]] = {}
+        self._datasets: OrderedDict[tuple[str, str], h5py.Dataset] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root}
+        return {"root": self.root, "max_open": self._max_open}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["root"])
+        self.__init__(state["root"], state["max_open"])
 
     @property
     def video_ids(self) -> list[str]:
         return list(self._where)
 
-    def _video(self, video_id: str) -> h5py.Group:
+    def _shard(self, video_id: str) -> str:
         if os.getpid() != self._pid:  # forked: never share HDF5 handles across processes
-            self._files, self._datasets, self._pid = {}, {}, os.getpid()
+            self._reset()
         try:
             shard = self._where[video_id]
         except KeyError:
             raise KeyError(f"video {video_id!r} is not in the index of {self.root}") from None
-        f = self._files.get(shard)
-        if f is None:
+        if shard not in self._files:
             path = shard_path(self.root, shard)
             if not path.is_file():
                 raise KeyError(f"shard {path} of video {video_id!r} has not been written yet")
-            f = self._files[shard] = h5py.File(path, "r", locking=False)
+            f = h5py.File(path, "r", locking=False)
+            self._files[shard] = f
+            # HDF5's own descriptor: the offset table and the bytes come from the
+            # same file even if a re-run renames a new shard over this path.
+            self._fds[shard] = f.id.get_vfd_handle()
+            self._tables[shard] = json.loads(f[OFFSETS][()].tobytes()) if OFFSETS in f else {}
+        return shard
+
+    def _video(self, video_id: str) -> h5py.Group:
+        f = self._files[self._shard(video_id)]
         try:
             return f[group_name(video_id)]
         except KeyError:
@@ -376,9 +434,16 @@ class ShardReader:
 
     def get(self, video_id: str, descriptor: str) -> np.ndarray:
         """One descriptor array, e.g. ``get("abc", "audio.logmel/stats")``."""
+        shard = self._shard(video_id)
+        located = self._tables[shard].get(group_name(video_id), {}).get(descriptor)
+        if located is not None:
+            offset, dtype, shape = located
+            out = np.empty(shape, np.dtype(dtype))
+            os.preadv(self._fds[shard], [out], offset)
+            return out
         key = (video_id, descriptor)
         ds = self._datasets.get(key)
-        if ds is None or os.getpid() != self._pid:
+        if ds is None:
             extractor, _, output = descriptor.rpartition("/")
             group = self._video(video_id)
             try:
@@ -388,6 +453,10 @@ class ShardReader:
                 why = f" (status {entry.status}, flags {entry.flags})" if entry else ""
                 raise KeyError(f"video {video_id!r} has no descriptor {descriptor!r}{why}") from None
             self._datasets[key] = ds
+            if len(self._datasets) > self._max_open:
+                self._datasets.popitem(last=False)
+        else:
+            self._datasets.move_to_end(key)
         return ds[()]
 
     def entry(self, video_id: str, extractor: str) -> Entry:
@@ -406,6 +475,7 @@ class ShardReader:
         return list(self._video(video_id))
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files, self._datasets = {}, {}
+        if os.getpid() == self._pid:
+            for f in self._files.values():
+                f.close()
+        self._reset()

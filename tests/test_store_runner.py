@@ -95,6 +95,28 @@ def test_interrupted_write_leaves_old_shard_whole(tmp_path, monkeypatch, error):
         assert str(path) in str(info.value) and "re-run" in str(info.value)
 
 
+def test_reader_fast_path_and_compressed_fallback_agree(tmp_path):
+    rng = np.random.default_rng(0)
+    dense = rng.standard_normal((40, 3)).astype(np.float32)
+    sparse = np.zeros(5000, np.float32)
+    sparse[::97] = 1.0
+    index = ShardIndex()
+    index.assign(["v"], 1)
+    index.save(tmp_path)
+    entry = Entry(DONE, {"dense": dense, "sparse": sparse, "tiny": np.arange(3)}, attrs={"config_hash": "h"})
+    write_shard(shard_path(tmp_path, "shard-00000"), {("v", "e"): entry}, {}, {})
+    with h5py.File(shard_path(tmp_path, "shard-00000"), "r") as f:
+        assert f["v/e/dense"].compression is None and f["v/e/dense"].chunks is None
+        assert f["v/e/sparse"].compression == "gzip"
+    reader = ShardReader(tmp_path)
+    table = reader._tables[reader._shard("v")]["v"]
+    assert "e/dense" in table and "e/sparse" not in table  # served by pread / by h5py
+    for name, want in (("dense", dense), ("sparse", sparse), ("tiny", np.arange(3))):
+        got = reader.get("v", f"e/{name}")
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == want.dtype and got.flags.writeable
+
+
 def test_staging_roundtrip_and_markers(tmp_path):
     staging = Staging(tmp_path, "shard-00000")
     staging.put("v/1", "audio.logmel", _entry(5.0))

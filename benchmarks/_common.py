@@ -1,0 +1,36 @@
+"""Shared bits of the benchmark scripts: a table printer and the demo set."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from pipelines.demo import generate_demo
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    print(f"\n{title}  ({machine()})")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def demo_root(data_root: str | Path = "datasets") -> Path:
+    """The demo set used by ``make demo``, generated if missing."""
+    root = Path(data_root) / "demo"
+    generate_demo(root, progress=False)
+    return Path(data_root)
