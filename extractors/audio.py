@@ -11,13 +11,27 @@ so the trainer masks the stream instead of learning that silence is zero.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from extractors.base import AudioSpec, Extractor, Needs, OutputSpec, Result, VideoInput
 from extractors.registry import register
+
+
+def _import_librosa():
+    """librosa, with numba's JIT cache on disk so only the first process ever compiles.
+
+    Without a writable cache directory every new worker spends about 20 s
+    compiling; the default below is used only when the user has not set one.
+    """
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "hallucinate" / "numba"))
+    import librosa
+
+    return librosa
 
 
 @dataclass
@@ -62,7 +76,7 @@ class LogMelStats(Extractor):
         self._features(np.zeros(self.config.sample_rate, np.float32) + 1e-3)
 
     def _features(self, samples: np.ndarray) -> np.ndarray:
-        import librosa
+        librosa = _import_librosa()
 
         c = self.config
         win = round(c.sample_rate * c.window_ms / 1000)

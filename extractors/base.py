@@ -17,6 +17,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -133,7 +134,7 @@ class Extractor(ABC):
         """Builds from a ``key: value`` mapping; unknown keys name the extractor."""
         return cls(config_from_mapping(cls.Config, options, where=f"options.{cls.name}"))
 
-    @property
+    @cached_property
     def config_hash(self) -> str:
         payload = json.dumps({"version": self.version, "config": to_plain(self.config)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -142,7 +143,8 @@ class Extractor(ABC):
         """Extractor name + version + config hash + video id: equal keys, equal results."""
         return f"{self.name}/{self.version}/{self.config_hash}/{video_id}"
 
-    def provenance(self) -> dict[str, Any]:
+    @cached_property
+    def _provenance(self) -> dict[str, Any]:
         needs = self.needs()
         prov: dict[str, Any] = {
             "extractor": self.name,
@@ -160,6 +162,15 @@ class Extractor(ABC):
         if needs.audio is not None:
             prov["audio_rate"] = needs.audio.rate
         return prov
+
+    def provenance(self) -> dict[str, Any]:
+        """What the result depends on: extractor, version, config and sampling.
+
+        Stored with every result, so the trainer can refuse to mix descriptors
+        made with different settings. The config is fixed once an extractor
+        exists, so this is computed once.
+        """
+        return dict(self._provenance)
 
     @abstractmethod
     def needs(self) -> Needs: ...

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ class ExtractConfig:
     out: str | None = None  # default: features/<dataset>
     extractors: list[str] = field(default_factory=lambda: ["default"])
     options: dict[str, Any] = field(default_factory=dict)  # options.<extractor>.<key>=value
-    shard_size: int = 32
+    shard_size: int | None = None  # videos per shard; None: 4-64, at least ~16 shards
     max_attempts: int = 2  # a failed video is retried once by the next run
     compression: str | None = "gzip"
     workers: int | None = None  # None: one per core; 0: in this process, no dask
@@ -251,9 +250,6 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    # librosa's numba JIT is slow on first use; caching it on disk saves every
-    # later process (dask workers included, they inherit the environment).
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "hallucinate" / "numba"))
     parser = argparse.ArgumentParser(prog="hallucinate", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, _, help_text) in COMMANDS.items():

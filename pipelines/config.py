@@ -9,6 +9,7 @@ the merging and type checking; we only translate its errors into a
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -93,4 +94,4 @@ def config_from_mapping(cls: type[C], values: Mapping[str, Any], where: str) -> 
 
 def to_plain(config: Any) -> dict[str, Any]:
     """A dataclass as JSON-able builtins (tuples become lists), for hashing and attrs."""
-    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+    return json.loads(json.dumps(dataclasses.asdict(config)))

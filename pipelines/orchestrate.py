@@ -89,18 +89,23 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def auto_shard_size(n_videos: int) -> int:
+    """At least ~16 shards, so workers finish together; 4 to 64 videos each."""
+    return max(4, min(64, -(-n_videos // 16)))
+
+
 def plan_jobs(
     records: Sequence[VideoRecord],
     specs: Sequence[ExtractorSpec],
     out: Path,
-    shard_size: int,
+    shard_size: int | None,
     max_attempts: int,
     compression: str | None,
 ) -> tuple[list[ShardJob], dict[str, dict[str, dict[str, int]]]]:
     """Shard jobs that still have work, and the status counts of each complete shard."""
     out.mkdir(parents=True, exist_ok=True)
     index = ShardIndex.load(out)
-    index.assign([r.video_id for r in records], shard_size)
+    index.assign([r.video_id for r in records], shard_size or auto_shard_size(len(records)))
     index.save(out)
     where = index.video_to_shard()
     by_shard: dict[str, list[VideoRecord]] = defaultdict(list)
@@ -127,13 +132,38 @@ def plan_jobs(
     return jobs, complete
 
 
+class _ThrottledProgress:
+    """Sends progress to the client at most every ``interval`` seconds.
+
+    One event per video costs the scheduler and client CPU that, on a small
+    machine, the workers need; a few events per second keep the bar live.
+    """
+
+    def __init__(self, send, interval: float = 0.25) -> None:
+        self._send, self._interval = send, interval
+        self._pending, self._last = 0, time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self._pending += n
+        if time.monotonic() - self._last >= self._interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._send(self._pending)
+        self._pending, self._last = 0, time.monotonic()
+
+
 def _run_shard_task(job: ShardJob) -> ShardReport:
     """The dask task: the worker's plugin holds the extractors already set up."""
     from distributed import get_worker
 
     worker = get_worker()
-    pool = worker.plugins[PLUGIN_NAME].pool
-    return process_shard(job, pool, lambda n: worker.log_event(PROGRESS_TOPIC, n))
+    progress = _ThrottledProgress(lambda n: worker.log_event(PROGRESS_TOPIC, n))
+    try:
+        return process_shard(job, worker.plugins[PLUGIN_NAME].pool, progress)
+    finally:
+        progress.flush()
 
 
 def _pool_plugin():
@@ -195,7 +225,7 @@ def run_extraction(
     specs: Sequence[ExtractorSpec],
     out: str | Path,
     options: ClusterOptions = ClusterOptions(),
-    shard_size: int = 32,
+    shard_size: int | None = None,
     max_attempts: int = 2,
     compression: str | None = "gzip",
     progress: bool = True,

@@ -59,13 +59,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write-then-rename, so readers see the old file or the new one, never half.
+
+    ``durable`` adds an fsync, which protects against power loss as well as
+    process crashes; staged results skip it (losing them costs a recompute,
+    while an fsync per video serialises parallel workers on the disk).
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -182,7 +189,7 @@ class Staging:
         meta = {"status": entry.status, "flags": entry.flags, "attrs": entry.attrs}
         buf = io.BytesIO()
         np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **entry.arrays)
-        atomic_write_bytes(self._file(video_id, extractor), buf.getvalue())
+        atomic_write_bytes(self._file(video_id, extractor), buf.getvalue(), durable=False)
 
     def entries(self) -> dict[tuple[str, str], Entry]:
         found: dict[tuple[str, str], Entry] = {}
@@ -202,7 +209,7 @@ class Staging:
 
     def mark_started(self, video_id: str, count: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self._file(video_id, "", ".started"), str(count).encode())
+        atomic_write_bytes(self._file(video_id, "", ".started"), str(count).encode(), durable=False)
 
     def clear(self) -> None:
         if self.dir.is_dir():

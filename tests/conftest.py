@@ -7,8 +7,6 @@ import pytest
 import tests.helpers  # noqa: F401  (registers the test extractors)
 from pipelines.demo import DemoSpec, generate_demo
 
-os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "hallucinate" / "numba"))
-
 TINY_DEMO = DemoSpec(clips_per_class=5)
 
 
