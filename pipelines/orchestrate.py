@@ -183,6 +183,27 @@ def _pool_plugin():
     return ExtractorPoolPlugin()
 
 
+def jobqueue_cluster(options: ClusterOptions):
+    """A dask-jobqueue cluster for ``options.cluster`` built from ``options.jobqueue``.
+
+    Nothing is submitted until it is scaled; ``cluster.job_script()`` shows
+    the batch script the workers will be started with.
+    """
+    import dask_jobqueue
+
+    try:
+        cluster_cls = getattr(dask_jobqueue, JOBQUEUE_CLUSTERS[options.cluster])
+    except KeyError:
+        raise ConfigError(
+            f"cluster={options.cluster!r} is not known; use local, "
+            f"{', '.join(JOBQUEUE_CLUSTERS)}, or scheduler=tcp://host:port"
+        ) from None
+    try:
+        return cluster_cls(**options.jobqueue)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"jobqueue options for cluster={options.cluster}: {exc}") from None
+
+
 @contextlib.contextmanager
 def open_client(options: ClusterOptions) -> Iterator[Any]:
     """A dask Client for ``options``; clusters it starts are closed on exit."""
@@ -192,20 +213,12 @@ def open_client(options: ClusterOptions) -> Iterator[Any]:
         with Client(options.scheduler) as client:
             yield client
         return
-    if options.cluster in JOBQUEUE_CLUSTERS:
-        import dask_jobqueue
-
-        cluster_cls = getattr(dask_jobqueue, JOBQUEUE_CLUSTERS[options.cluster])
-        with cluster_cls(**options.jobqueue) as cluster, Client(cluster) as client:
+    if options.cluster != "local":
+        with jobqueue_cluster(options) as cluster, Client(cluster) as client:
             cluster.scale(options.workers or 1)
             client.wait_for_workers(1)
             yield client
         return
-    if options.cluster != "local":
-        raise ConfigError(
-            f"cluster={options.cluster!r} is not known; use local, "
-            f"{', '.join(JOBQUEUE_CLUSTERS)}, or scheduler=tcp://host:port"
-        )
     workers = options.workers or os.cpu_count() or 1
     with (
         LocalCluster(

@@ -1,0 +1,80 @@
+import pytest
+
+from pipelines.cli import main
+from pipelines.errors import ConfigError
+from pipelines.orchestrate import ClusterOptions, jobqueue_cluster
+
+
+def test_bad_config_key_names_the_key(capsys):
+    assert main(["extract", "workerz=2"]) == 2
+    assert "workerz" in capsys.readouterr().err
+
+
+def test_bad_value_type_names_the_key(capsys):
+    assert main(["extract", "shard_size=many"]) == 2
+    assert "shard_size" in capsys.readouterr().err
+
+
+def test_unknown_dataset_lists_known(capsys):
+    assert main(["extract", "dataset=kinetics9000"]) == 2
+    err = capsys.readouterr().err
+    assert "kinetics9000" in err and "k400" in err and "charades" in err
+
+
+def test_unknown_extractor_is_named(capsys, tiny_demo_root):
+    assert main(["extract", f"data_root={tiny_demo_root}", "extractors=audio.logmell"]) == 2
+    assert "audio.logmel" in capsys.readouterr().err
+
+
+def test_missing_video_root_names_it_and_how_to_set_it(tmp_path, capsys):
+    assert main(["extract", "dataset=k400", f"data_root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "k400" / "videos") in err and "VIDEO_ROOT=" in err
+
+
+def test_yaml_config_file_and_overrides(tmp_path, tiny_demo_root, capsys):
+    cfg = tmp_path / "extract.yaml"
+    cfg.write_text(f"data_root: {tiny_demo_root}\nextractors: [audio.logmel]\nworkers: 0\nprogress: false\n")
+    out = tmp_path / "out"
+    assert (
+        main(["extract", "--config", str(cfg), f"out={out}", "limit=5", "options.audio.logmel.n_mels=16"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "audio.logmel" in printed and "5 videos" in printed
+    assert main(["inspect", f"out={out}", "video=ball_bounce_000"]) == 0
+    shown = capsys.readouterr().out
+    assert "5 videos in" in shown and '"n_mels": 16' in shown and "[pyramid] shape (112,)" in shown
+
+
+def test_inspect_without_store(tmp_path, capsys):
+    assert main(["inspect", f"out={tmp_path}"]) == 2
+    assert "make extract" in capsys.readouterr().err
+
+
+def test_not_yet_implemented_commands_say_so(capsys):
+    assert main(["train"]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_extractors_listing(capsys):
+    assert main(["extractors"]) == 0
+    out = capsys.readouterr().out
+    assert "audio.logmel (default)" in out and "stats[372]" in out
+
+
+def test_slurm_cluster_uses_the_jobqueue_options():
+    options = ClusterOptions(
+        cluster="slurm",
+        jobqueue={"cores": 4, "memory": "16GB", "queue": "gpu", "walltime": "02:00:00", "account": "lab"},
+    )
+    with jobqueue_cluster(options) as cluster:
+        script = cluster.job_script()
+    assert "#SBATCH -p gpu" in script and "#SBATCH -A lab" in script and "02:00:00" in script
+
+
+def test_unknown_cluster_and_bad_jobqueue_options():
+    with pytest.raises(ConfigError, match="local, slurm, pbs"):
+        jobqueue_cluster(ClusterOptions(cluster="k8s"))
+    with pytest.raises(ConfigError, match="jobqueue options"):
+        jobqueue_cluster(ClusterOptions(cluster="pbs", jobqueue={"cores": 1, "memory": "1GB", "bogus": 1}))
