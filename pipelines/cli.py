@@ -111,14 +111,15 @@ def load_records(cfg: ExtractConfig):
 
     defn = load_definition(cfg.dataset)
     paths = resolve_paths(defn, cfg.data_root, cfg.video_root, cfg.annotation_root)
-    if (
-        defn.generator
-        and not cfg.video_root
-        and not (paths.annotations / defn.files.get("manifest", "")).is_file()
-    ):
+    if defn.generator and not cfg.video_root:
         module, _, func = defn.generator.partition(":")
-        print(f"generating the {defn.name} dataset in {paths.root} ...", file=sys.stderr)
-        getattr(importlib.import_module(module), func)(paths.root, progress=cfg.progress)
+        try:
+            generate = getattr(importlib.import_module(module), func)
+        except (ImportError, AttributeError):
+            raise ConfigError(
+                f"dataset {defn.name!r}: generator {defn.generator!r} is not an importable module:function"
+            ) from None
+        generate(paths.root, progress=cfg.progress)
     dataset = load_dataset(defn, paths)
     records = [r for r in dataset.records if not cfg.splits or r.split in cfg.splits]
     if cfg.limit is not None:

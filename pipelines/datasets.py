@@ -40,7 +40,7 @@ class DatasetDef:
     multilabel: bool = False
     num_classes: int | None = None
     split_number: int = 1  # the official split for UCF101 / HMDB51 (1..3)
-    generator: str | None = None  # makes the videos on first use (the demo)
+    generator: str | None = None  # "module:function" that makes the dataset when missing (the demo)
     val_fraction: float = 0.2  # folder format: share of videos held out per split
     test_fraction: float = 0.2
 

@@ -324,3 +324,15 @@ def generate_demo(
         json.dumps({"generator_version": GENERATOR_VERSION, "spec": dataclasses.asdict(spec)})
     )
     return manifest
+
+
+def ensure_demo(root: str | Path, progress: bool = True) -> None:
+    """Generates the default demo set under ``root`` unless a complete one is there.
+
+    A complete set of another spec (the tests make a small one) is kept;
+    only a missing or interrupted one (no ``demo.json``) is generated.
+    """
+    root = Path(root)
+    if (root / "demo.json").is_file() and (root / "annotations" / "manifest.csv").is_file():
+        return
+    generate_demo(root, DemoSpec(), progress=progress)

@@ -11,6 +11,7 @@ extractors; see ``pipelines.runner``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -47,6 +48,7 @@ class ClusterOptions:
     cluster: str = "local"
     jobqueue: dict[str, Any] = field(default_factory=dict)
     threads_per_worker: int = 1
+    local_gpus: bool = False  # LocalCluster workers declare a GPU resource
 
 
 @dataclass
@@ -227,6 +229,7 @@ def open_client(options: ClusterOptions) -> Iterator[Any]:
             processes=True,
             dashboard_address=None,
             silence_logs=logging.ERROR,
+            resources={"GPU": 1} if options.local_gpus else None,
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -283,6 +286,34 @@ def run_extraction(
     return summary
 
 
+def gpu_resources(specs: Sequence[ExtractorSpec]) -> dict[str, int]:
+    """The dask resources a shard task needs: GPU stages go to workers that declare GPUs."""
+    gpus = max((spec.cls.resources.gpus for spec in specs), default=0)
+    return {"GPU": gpus} if gpus else {}
+
+
+def _cuda_devices() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
+
+
+def _check_gpu_workers(client, needed: dict[str, int], specs: Sequence[ExtractorSpec]) -> None:
+    """Fails now, not by waiting forever, when no worker could run a GPU stage."""
+    if not needed:
+        return
+    workers = client.scheduler_info()["workers"].values()
+    if not any(w.get("resources", {}).get("GPU", 0) >= needed["GPU"] for w in workers):
+        gpu_stages = [s.cls.name for s in specs if s.cls.resources.gpus]
+        raise ConfigError(
+            f"{', '.join(gpu_stages)} need(s) a GPU, but no dask worker declares one. Start "
+            "workers with `dask worker ... --resources GPU=1` (or jobqueue.worker_extra_args="
+            "[--resources,GPU=1]); a local cluster declares them itself when CUDA devices exist."
+        )
+
+
 def _run_on_dask(
     jobs: list[ShardJob], options: ClusterOptions, summary: RunSummary, bar: tqdm, out: Path
 ) -> None:
@@ -290,10 +321,16 @@ def _run_on_dask(
 
     if not jobs:
         return
+    needed = gpu_resources(jobs[0].extractors)
+    if needed and options.cluster == "local" and not options.scheduler and _cuda_devices():
+        options = dataclasses.replace(options, local_gpus=True)
     with open_client(options) as client:
+        _check_gpu_workers(client, needed, jobs[0].extractors)
         client.register_plugin(_pool_plugin())
         client.subscribe_topic(PROGRESS_TOPIC, lambda event: bar.update(event[1]))
-        futures = {client.submit(_run_shard_task, job, pure=False): job for job in jobs}
+        futures = {
+            client.submit(_run_shard_task, job, pure=False, resources=needed or None): job for job in jobs
+        }
         try:
             for future in as_completed(futures):
                 job = futures[future]

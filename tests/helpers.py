@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
+from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Resources, Result, VideoInput
 from extractors.registry import register
 from pipelines.encode import write_audio_only, write_video
 
@@ -137,3 +137,10 @@ def write_broken_videos(folder: Path, fps: int = 12) -> dict[str, Path]:
     files["no_audio"] = folder / "no_audio.mp4"
     write_video(files["no_audio"], frames, fps, None)
     return files
+
+
+@register("test.needs_gpu")
+class NeedsGpu(FrameStats):
+    """A stage that declares a GPU, to test routing; it computes like frame_stats."""
+
+    resources = Resources(gpus=1)

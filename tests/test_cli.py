@@ -78,3 +78,22 @@ def test_unknown_cluster_and_bad_jobqueue_options():
         jobqueue_cluster(ClusterOptions(cluster="k8s"))
     with pytest.raises(ConfigError, match="jobqueue options"):
         jobqueue_cluster(ClusterOptions(cluster="pbs", jobqueue={"cores": 1, "memory": "1GB", "bogus": 1}))
+
+
+def test_extract_demo_generates_it_on_a_fresh_checkout(tmp_path, capsys):
+    data_root = tmp_path / "datasets"
+    out = tmp_path / "out"
+    args = ["extract", f"data_root={data_root}", f"out={out}", "workers=0", "progress=false", "limit=4"]
+    assert main(args) == 0
+    assert len((data_root / "demo" / "annotations" / "manifest.csv").read_text().splitlines()) == 301
+    marker = (data_root / "demo" / "demo.json").stat().st_mtime_ns
+    assert main(args) == 0  # present: not generated again
+    assert (data_root / "demo" / "demo.json").stat().st_mtime_ns == marker
+    assert "4 videos" in capsys.readouterr().out
+
+
+def test_bad_generator_is_a_config_error(tmp_path, capsys):
+    definition = tmp_path / "mine.yaml"
+    definition.write_text("name: mine\nformat: folder\nroot: mine\ngenerator: nowhere:make\n")
+    assert main(["extract", f"dataset={definition}", f"data_root={tmp_path}"]) == 2
+    assert "nowhere:make" in capsys.readouterr().err

@@ -123,3 +123,21 @@ def test_disk_full_stops_cleanly_and_resumes(demo_copy, tmp_path, monkeypatch, c
     assert extract(demo_copy, out, "extractors=test.frame_stats") == 0
     reader = ShardReader(out)
     assert all(reader.entry(v, "test.frame_stats").status == "done" for v in reader.video_ids)
+
+
+def test_gpu_stage_without_gpu_workers_fails_clearly(demo_copy, tmp_path, capsys, monkeypatch):
+    import pipelines.orchestrate as orchestrate
+
+    monkeypatch.setattr(orchestrate, "_cuda_devices", lambda: 0)
+    assert extract(demo_copy, tmp_path / "out", "extractors=test.needs_gpu") == 2
+    err = capsys.readouterr().err
+    assert "test.needs_gpu" in err and "--resources GPU=1" in err
+
+
+def test_gpu_stage_runs_on_workers_that_declare_gpus(demo_copy, tmp_path, monkeypatch):
+    import pipelines.orchestrate as orchestrate
+
+    monkeypatch.setattr(orchestrate, "_cuda_devices", lambda: 1)  # as on a CUDA machine
+    assert extract(demo_copy, tmp_path / "out", "extractors=test.needs_gpu") == 0
+    reader = ShardReader(tmp_path / "out")
+    assert all(reader.get(v, "test.needs_gpu/mean").shape == (3,) for v in reader.video_ids)
