@@ -28,6 +28,7 @@ class ExtractConfig:
     """``hallucinate extract``: which dataset, which extractors, where, on what cluster."""
 
     dataset: str = "demo"  # a name in data/ or the path of your own definition YAML
+    definition: dict[str, Any] = field(default_factory=dict)  # overrides, e.g. definition.split_number=2
     data_root: str = "datasets"  # datasets live in <data_root>/<definition root>
     video_root: str | None = None  # overrides the definition's video folder
     annotation_root: str | None = None
@@ -109,7 +110,7 @@ def resolve_extractors(names: list[str], options: dict[str, Any]):
 def load_records(cfg: ExtractConfig):
     from pipelines.datasets import load_dataset, load_definition, resolve_paths
 
-    defn = load_definition(cfg.dataset)
+    defn = load_definition(cfg.dataset, cfg.definition)
     paths = resolve_paths(defn, cfg.data_root, cfg.video_root, cfg.annotation_root)
     if defn.generator and not cfg.video_root:
         module, _, func = defn.generator.partition(":")

@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipelines.config import build_config
 from pipelines.errors import ConfigError, DatasetError
@@ -95,8 +96,12 @@ def known_datasets() -> list[str]:
     return sorted(p.stem for p in DEFINITIONS_DIR.glob("*.yaml"))
 
 
-def load_definition(name_or_path: str) -> DatasetDef:
-    """A dataset by name (``data/<name>.yaml``) or by the path of a user's own YAML."""
+def load_definition(name_or_path: str, overrides: dict[str, Any] | None = None) -> DatasetDef:
+    """A dataset by name (``data/<name>.yaml``) or by the path of a user's own YAML.
+
+    ``overrides`` replace fields of the definition (``definition.split_number=2``
+    on the command line), validated like the file itself.
+    """
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = DEFINITIONS_DIR / f"{name_or_path}.yaml"
@@ -105,7 +110,8 @@ def load_definition(name_or_path: str) -> DatasetDef:
             f"unknown dataset {name_or_path!r}. Known datasets: {', '.join(known_datasets())}; "
             "or pass the path of your own definition (copy data/folder.yaml)."
         )
-    defn = build_config(DatasetDef, path, where=f"dataset {path.name}")
+    dotlist = [f"{k}={v}" for k, v in (overrides or {}).items()]
+    defn = build_config(DatasetDef, path, dotlist, where=f"dataset {path.name}")
     if not defn.name:
         defn.name = path.stem
     return defn

@@ -28,6 +28,12 @@ def test_every_definition_in_data_loads():
         assert defn.name == name and defn.format
 
 
+def test_definition_overrides_are_validated():
+    assert load_definition("ucf101", {"split_number": 3}).split_number == 3
+    with pytest.raises(ConfigError, match="split_numbr"):
+        load_definition("ucf101", {"split_numbr": 3})
+
+
 def test_unknown_dataset_lists_known_ones():
     with pytest.raises(ConfigError, match="k400.*ssv2|ssv2.*k400"):
         load_definition("kinetics9000")
