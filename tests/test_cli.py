@@ -97,3 +97,14 @@ def test_bad_generator_is_a_config_error(tmp_path, capsys):
     definition.write_text("name: mine\nformat: folder\nroot: mine\ngenerator: nowhere:make\n")
     assert main(["extract", f"dataset={definition}", f"data_root={tmp_path}"]) == 2
     assert "nowhere:make" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["extract_demo.yaml", "extract_k400_slurm.yaml"])
+def test_shipped_configs_parse(name):
+    from pathlib import Path
+
+    from pipelines.cli import ExtractConfig, resolve_extractors
+    from pipelines.config import build_config
+
+    cfg = build_config(ExtractConfig, Path(__file__).parents[1] / "configs" / name)
+    assert resolve_extractors(cfg.extractors, cfg.options)
