@@ -115,3 +115,23 @@ def test_audio_missing_and_silent_are_flagged_not_zero(broken):
 
 def test_audio_of_a_video_less_file_still_works(broken):
     assert run("audio.logmel", broken["video_less"]).arrays["stats"].shape == (372,)
+
+
+@pytest.mark.filterwarnings("ignore:n_fft=512 is too large")  # librosa's, on the short case
+def test_mel_power_log_and_mfcc_match_librosa():
+    import librosa
+
+    from extractors.audio import log_mel_mfcc, mel_power
+
+    y = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    for n in (16000, 1000, 150):  # long, short, shorter than one window
+        ours = mel_power(y[:n], 16000, n_fft=512, win=400, hop=160, n_mels=64)
+        ref = librosa.feature.melspectrogram(
+            y=y[:n], sr=16000, n_fft=512, win_length=400, hop_length=160, n_mels=64, pad_mode="constant"
+        )
+        assert ours.shape == ref.shape
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6 * ref.max())
+    logmel, mfcc = log_mel_mfcc(ref, 20)
+    ref_db = librosa.power_to_db(ref, ref=1.0, amin=1e-10, top_db=None)
+    np.testing.assert_allclose(logmel, ref_db, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(mfcc, librosa.feature.mfcc(S=ref_db, n_mfcc=20), rtol=1e-4, atol=1e-3)
