@@ -4,7 +4,7 @@ Layout under the output root::
 
     index.json                 video id -> shard (assignments never move)
     shards/shard-00000.h5      one group per video, one subgroup per extractor,
-                               one compressed dataset per output
+                               one dataset per output (gzip where it pays)
     staging/shard-00000/       finished results of a shard still being written
     ledger.jsonl               one line per failure, for people (`hallucinate inspect`)
 
