@@ -1,0 +1,241 @@
+"""RGB backbones: a clip (B, 3, T, H, W) in [-1, 1] to X_rgb (B, C, T′).
+
+Each backbone owns its input normalisation, so the preprocessing cannot
+drift from the weights (torchvision's habit). Pretrained weights come from a
+local file (``weights=/path/to/file.pth``) or, for torchvision models, from
+a weights name (``weights=KINETICS400_V1``) resolved through torchvision's
+own cache; tests build small models, save them and load them back through
+the same path a user's checkpoint takes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pipelines.errors import ConfigError, MissingWeightsError
+from pipelines.registry import Registry
+
+BACKBONES: Registry[nn.Module] = Registry("backbone")
+# Keys of classifier layers, dropped when loading a full-model checkpoint.
+CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "heads.")
+
+
+def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """A state dict from a file that holds one, or a checkpoint holding one under a common key."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(
+            what,
+            path,
+            "Download the checkpoint there, or set weights=... to where it is (or "
+            "weights=null for random initialisation).",
+        )
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_trunk_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Loads everything but the classifier; any other missing key is an error."""
+    state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(CLASSIFIER_PREFIXES)]
+    if missing or unexpected:
+        raise ConfigError(
+            f"{what}: the weights do not match the architecture (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}); check that they are for this backbone"
+        )
+
+
+class Backbone(nn.Module):
+    """Base class: subclasses set ``out_channels`` and implement ``features``."""
+
+    name: ClassVar[str]
+    out_channels: int
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def _set_normalisation(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1, 1))
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> (B, C, T′)."""
+        return self.features(((clip + 1) / 2 - self.mean) / self.std)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output_shape(self, frames: int, size: int) -> tuple[int, int]:
+        """(C, T′) for clips of ``frames`` x ``size`` x ``size``, by a dry run."""
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            out = self(torch.zeros(1, 3, frames, size, size))
+            self.train(was)
+        return out.shape[1], out.shape[2]
+
+
+@BACKBONES.register("tiny3d")
+class Tiny3D(Backbone):
+    """A four-block 3D CNN for the demo and CPU tests (about 0.1M parameters at width 16)."""
+
+    def __init__(self, width: int = 16, weights: str | None = None) -> None:
+        super().__init__()
+        w = width
+
+        def block(cin: int, cout: int, stride: tuple[int, int, int]) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm3d(cout),
+                nn.ReLU(inplace=True),
+            )
+
+        self.body = nn.Sequential(
+            block(3, w, (1, 2, 2)),
+            block(w, 2 * w, (2, 2, 2)),
+            block(2 * w, 4 * w, (2, 2, 2)),
+            block(4 * w, 8 * w, (1, 2, 2)),
+        )
+        self.out_channels = 8 * w
+        self._set_normalisation((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # back to [-1, 1]
+        if weights:
+            load_trunk_weights(self, read_state_dict(weights, "tiny3d"), "tiny3d")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean((3, 4))
+
+
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+
+
+class TorchvisionVideo(Backbone):
+    """A torchvision video classifier without its classifier.
+
+    ``weights`` is a file path, or the name of a member of the model's
+    torchvision weights enum (``KINETICS400_V1``), fetched into torchvision's
+    cache if it is not there yet (this needs internet once).
+    """
+
+    arch: ClassVar[str]
+    weights_enum: ClassVar[str]
+
+    def __init__(self, weights: str | None = None) -> None:
+        super().__init__()
+        from torchvision.models import get_weight, video
+
+        self.model = getattr(video, self.arch)(weights=None)
+        self._set_normalisation(KINETICS_MEAN, KINETICS_STD)
+        self._strip_classifier()
+        if weights:
+            what = f"{self.name} backbone"
+            if Path(weights).suffix in (".pt", ".pth", ".bin", ".ckpt") or Path(weights).exists():
+                state = read_state_dict(weights, what)
+            else:
+                state = _torchvision_state(get_weight, f"{self.weights_enum}.{weights}", what)
+            load_trunk_weights(self.model, state, what)
+        self.out_channels = self.output_shape(8, 64)[0]
+
+    def _strip_classifier(self) -> None:
+        self.model.fc = nn.Identity()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.layer4(m.layer3(m.layer2(m.layer1(m.stem(x)))))
+        return x.mean((3, 4))
+
+
+def _torchvision_state(get_weight, enum_name: str, what: str) -> dict[str, torch.Tensor]:
+    try:
+        weights = get_weight(enum_name)
+    except (ValueError, KeyError, AttributeError):
+        raise ConfigError(f"{what}: no torchvision weights named {enum_name}") from None
+    try:
+        return weights.get_state_dict(progress=True)
+    except OSError as exc:  # offline and not cached
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise MissingWeightsError(
+            what,
+            cache,
+            f"It could not be downloaded ({exc}). Copy {Path(weights.url).name} "
+            f"into {cache.parent}, or pass weights=/path/to/the/file.pth.",
+        ) from None
+
+
+@BACKBONES.register("r3d_18")
+class R3D18(TorchvisionVideo):
+    arch, weights_enum = "r3d_18", "R3D_18_Weights"
+
+
+@BACKBONES.register("mc3_18")
+class MC318(TorchvisionVideo):
+    arch, weights_enum = "mc3_18", "MC3_18_Weights"
+
+
+@BACKBONES.register("r2plus1d_18")
+class R2Plus1D18(TorchvisionVideo):
+    arch, weights_enum = "r2plus1d_18", "R2Plus1D_18_Weights"
+
+
+@BACKBONES.register("s3d")
+class S3D(TorchvisionVideo):
+    arch, weights_enum = "s3d", "S3D_Weights"
+
+    def _strip_classifier(self) -> None:
+        self.model.classifier = nn.Identity()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x).mean((3, 4))
+
+
+class _PooledTransformer(TorchvisionVideo):
+    """Video transformers give one pooled token embedding: X_rgb with T′ = 1."""
+
+    def _strip_classifier(self) -> None:
+        self.model.head = nn.Identity()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[..., None]
+
+
+@BACKBONES.register("mvit_v2_s")
+class MViTV2S(_PooledTransformer):
+    """Needs 16 x 224 x 224 clips."""
+
+    arch, weights_enum = "mvit_v2_s", "MViT_V2_S_Weights"
+
+    def __init__(self, weights: str | None = None) -> None:
+        nn.Module.__init__(self)
+        from torchvision.models import get_weight, video
+
+        self.model = video.mvit_v2_s(weights=None)
+        self._set_normalisation(KINETICS_MEAN, KINETICS_STD)
+        self._strip_classifier()
+        if weights:
+            what = "mvit_v2_s backbone"
+            state = (
+                read_state_dict(weights, what)
+                if Path(weights).exists() or "/" in weights
+                else _torchvision_state(get_weight, f"{self.weights_enum}.{weights}", what)
+            )
+            load_trunk_weights(self.model, state, what)
+        self.out_channels = 768
+
+
+@BACKBONES.register("swin3d_t")
+class Swin3DT(_PooledTransformer):
+    arch, weights_enum = "swin3d_t", "Swin3D_T_Weights"
+
+
+def create_backbone(name: str, **options: Any) -> Backbone:
+    try:
+        return BACKBONES.get(name)(**options)
+    except TypeError as exc:
+        raise ConfigError(f"backbone {name!r}: {exc}") from None

@@ -1,0 +1,135 @@
+"""The hallucination network (METHOD.md §1.2-1.4).
+
+RGB clip -> backbone -> X_rgb (B, C, T′) -> one head per auxiliary stream
+plus HAF -> power normalisation -> concatenation -> fixed count sketch P_tot
+-> PredNet (BatchNorm + FC). Each stream head regresses its descriptor's
+ground truth after the same power normalisation and a fixed count sketch
+(``target``), and at test time only RGB goes in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hallucinate.backbones import Backbone
+from hallucinate.sketch import CountSketch, MultiSketch
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One hallucinated descriptor: its name in the shards and its raw size."""
+
+    name: str  # "<extractor>/<output>"
+    dim: int
+
+
+class StreamHead(nn.Module):
+    """The per-stream head template (METHOD.md §1.2).
+
+    ``fc``: the I3D template, a layer covering all temporal positions at once
+    (conv2d with a kernel over the T′ positions, i.e. an FC over C·T′), ReLU,
+    then FC to d. ``conv``: the DEEP-HAL conv head, two temporal convolutions
+    then FC, for ablations. Power normalisation is applied by the model.
+    """
+
+    def __init__(self, channels: int, frames: int, d: int, hidden: int, kind: str = "fc") -> None:
+        super().__init__()
+        if kind == "fc":
+            self.body = nn.Sequential(
+                nn.Flatten(), nn.Linear(channels * frames, hidden), nn.ReLU(), nn.Linear(hidden, d)
+            )
+        elif kind == "conv":
+            self.body = nn.Sequential(
+                nn.Conv1d(channels, hidden, min(3, frames), padding="same"),
+                nn.ReLU(),
+                nn.Conv1d(hidden, hidden, min(3, frames), padding="same"),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(hidden * frames, d),
+            )
+        else:
+            raise ValueError(f"unknown head kind {kind!r}; use fc or conv")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class HallucinationNet(nn.Module):
+    """Backbone + hallucination streams + HAF + fusion + PredNet.
+
+    With no streams this is the RGB-only baseline of the same backbone: HAF
+    and PredNet only, the same budget otherwise.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        streams: list[StreamSpec],
+        num_classes: int,
+        frames: int,
+        size: int,
+        power_norm: nn.Module,
+        d: int = 128,
+        copies: int = 1,
+        hidden: int = 512,
+        fused_dim: int | None = 2000,
+        head: str = "fc",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.streams = list(streams)
+        self.d, self.copies = d, copies
+        channels, t_out = backbone.output_shape(frames, size)
+        self.heads = nn.ModuleDict(
+            {_key(s.name): StreamHead(channels, t_out, d * copies, hidden, head) for s in streams}
+        )
+        self.haf = StreamHead(channels, t_out, d, hidden, head)
+        self.power_norm = power_norm
+        self.targets = nn.ModuleDict(
+            {_key(s.name): MultiSketch(s.dim, d, copies, seed + 17 * i + 1) for i, s in enumerate(streams)}
+        )
+        total = d * copies * len(streams) + d
+        self.fuse = CountSketch(total, fused_dim, seed) if fused_dim else nn.Identity()
+        width = fused_dim or total
+        self.prednet = nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, num_classes))
+
+    @property
+    def stream_names(self) -> list[str]:
+        return [s.name for s in self.streams]
+
+    def hallucinate(self, x_rgb: torch.Tensor) -> torch.Tensor:
+        """Stacked, power-normalised stream outputs (B, S, d·copies)."""
+        if not self.streams:
+            return x_rgb.new_zeros(x_rgb.shape[0], 0, self.d * self.copies)
+        return torch.stack([self.power_norm(h(x_rgb)) for h in self.heads.values()], 1)
+
+    def target(self, gt: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Ground truth in the streams' space: PN at full size, then the fixed sketch(es)."""
+        return torch.stack([self.targets[_key(s.name)](self.power_norm(gt[s.name])) for s in self.streams], 1)
+
+    def classify(self, x_rgb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+        haf = self.power_norm(self.haf(x_rgb))
+        fused = torch.cat([streams.flatten(1), haf], 1)
+        return self.prednet(self.fuse(fused))
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        """RGB only in, class logits out: the test-time model."""
+        x_rgb = self.backbone(clip)
+        return self.classify(x_rgb, self.hallucinate(x_rgb))
+
+    def oracle(self, clip: torch.Tensor, gt: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """Logits with ground truth in place of the hallucinated streams (where it exists)."""
+        x_rgb = self.backbone(clip)
+        hal = self.hallucinate(x_rgb)
+        true = self.target(gt)
+        m = mask[..., None].to(hal.dtype)
+        return self.classify(x_rgb, m * true + (1 - m) * hal)
+
+
+def _key(name: str) -> str:
+    """ModuleDict keys may not contain dots."""
+    return name.replace(".", "__").replace("/", "--")
