@@ -8,6 +8,8 @@ its ablation; SigmE is what the paper names for the ODF/SDF ground truth.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -22,10 +24,10 @@ class AsinhE(nn.Module):
 
     def __init__(self, gamma: float = 100.0) -> None:
         super().__init__()
-        self.gamma = gamma
+        self.gamma, self.scale = gamma, math.asinh(gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.asinh(self.gamma * x) / torch.asinh(torch.tensor(self.gamma, dtype=x.dtype))
+        return torch.asinh(self.gamma * x) / self.scale
 
 
 @POWER_NORMS.register("sigme")

@@ -57,6 +57,63 @@ class InspectConfig:
     failures: int = 20  # how many ledger lines to show
 
 
+@dataclass
+class TrainConfig:
+    """``hallucinate train``: the hallucination model and, by default, its RGB-only baseline."""
+
+    dataset: str = "demo"
+    definition: dict[str, Any] = field(default_factory=dict)
+    data_root: str = "datasets"
+    video_root: str | None = None
+    features: str | None = None  # the feature store; default features/<dataset>
+    run: str | None = None  # the run directory; default runs/<dataset>
+    streams: list[str] = field(default_factory=lambda: ["auto"])  # descriptors or extractors; auto: all
+    baseline: bool = True  # also train the RGB-only baseline, same backbone and budget
+    backbone: str = "tiny3d"
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    frames: int = 16
+    size: int = 72
+    short_side: int = 72
+    fps: float | None = None
+    d: int = 128
+    copies: int = 1
+    hidden: int = 256
+    fused_dim: int | None = 2000
+    head: str = "fc"
+    power_norm: str = "asinhe"
+    loss: str = "mse"  # mse or uncertainty
+    pattern: str = "grouped"  # grouped, diagonal or literal (uncertainty loss)
+    kappa: float = 1.0
+    alpha: float = 1.0
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    lr_step: int = 10
+    weight_decay: float = 0.0
+    hal_updates_backbone: bool = True
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0  # DataLoader workers
+    preload: bool = True  # decode every video once into memory (small datasets)
+    resume: bool = True
+    export: bool = True  # TorchScript export of the RGB-only inference model
+    progress: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    """``hallucinate evaluate``: three protocols, stream ablation and quality of a run."""
+
+    dataset: str = "demo"
+    definition: dict[str, Any] = field(default_factory=dict)
+    data_root: str = "datasets"
+    video_root: str | None = None
+    features: str | None = None
+    run: str | None = None
+    batch_size: int = 32
+    device: str = "auto"
+
+
 def default_out(dataset: str) -> Path:
     return Path("features") / Path(dataset).stem
 
@@ -224,6 +281,158 @@ def cmd_extractors(_: Any) -> int:
         print(f"{name}{mark}  v{ex.version}  -> {outs}")
         print(f"    {(type(ex).__doc__ or '').strip().splitlines()[0] if type(ex).__doc__ else ''}")
     return 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _splits(cfg, streams, clip, preload: bool, seed: int):
+    """Train / val / test clip datasets of a run (test falls back to val when absent)."""
+    from hallucinate.data import ClipDataset
+    from hallucinate.run import Splits
+    from pipelines.datasets import load_dataset, load_definition, resolve_paths
+
+    defn = load_definition(cfg.dataset, cfg.definition)
+    dataset = load_dataset(defn, resolve_paths(defn, cfg.data_root, cfg.video_root))
+    store = cfg.features or default_out(cfg.dataset)
+    parts = {name: dataset.split(name) for name in ("train", "val", "test")}
+    if not parts["train"]:
+        raise HallucinateError(f"dataset {defn.name!r} has no train split")
+    parts["val"] = parts["val"] or parts["test"]
+    parts["test"] = parts["test"] or parts["val"]
+    n = len(dataset.classes)
+
+    def make(records, train):
+        return ClipDataset(records, n, clip, train, store, streams, dataset.multilabel, preload, seed)
+
+    return dataset, Splits(make(parts["train"], True), make(parts["val"], False), make(parts["test"], False))
+
+
+def cmd_train(cfg: TrainConfig) -> int:
+    import json
+
+    from hallucinate.data import ClipSpec, discover_streams
+    from hallucinate.run import ModelOptions, export_torchscript, train_model
+    from hallucinate.trainer import Schedule
+    from pipelines.datasets import load_dataset, load_definition, resolve_paths
+
+    defn = load_definition(cfg.dataset, cfg.definition)
+    dataset = load_dataset(defn, resolve_paths(defn, cfg.data_root, cfg.video_root))
+    store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
+    wanted = None if cfg.streams == ["auto"] else cfg.streams
+    streams = (
+        discover_streams(store, [r.video_id for r in dataset.split("train")], wanted)
+        if (store / "index.json").is_file() or wanted
+        else []
+    )
+    if not streams:
+        print(
+            f"warning: no descriptors in {store}; training RGB-only. Run `make extract` first.",
+            file=sys.stderr,
+        )
+    clip = ClipSpec(cfg.frames, cfg.size, cfg.short_side, cfg.fps)
+    options = ModelOptions(
+        cfg.backbone,
+        dict(cfg.backbone_options),
+        cfg.d,
+        cfg.copies,
+        cfg.hidden,
+        cfg.fused_dim,
+        cfg.head,
+        cfg.power_norm,
+        {},
+        cfg.loss,
+        cfg.pattern,
+        cfg.kappa,
+    )
+    schedule = Schedule(
+        cfg.epochs, cfg.lr, cfg.lr_step, 0.5, cfg.weight_decay, cfg.alpha, cfg.hal_updates_backbone
+    )
+    run = Path(cfg.run) if cfg.run else Path("runs") / Path(cfg.dataset).stem
+    run.mkdir(parents=True, exist_ok=True)
+    from dataclasses import asdict
+
+    (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    _, splits = _splits(cfg, streams, clip, cfg.preload, cfg.seed)
+    device = _device(cfg.device)
+    names = ", ".join(s.name for s in streams) or "none"
+    print(f"streams: {names}", file=sys.stderr)
+    jobs = [("model", streams)] + ([("baseline", [])] if cfg.baseline else [])
+    for name, job_streams in jobs:
+        print(
+            f"training {name} ({cfg.backbone}, {len(job_streams)} streams) into {run / name}", file=sys.stderr
+        )
+        trainer = train_model(
+            run / name,
+            splits,
+            job_streams,
+            len(dataset.classes),
+            options,
+            schedule,
+            clip,
+            cfg.batch_size,
+            cfg.seed,
+            dataset.multilabel,
+            cfg.workers,
+            device,
+            cfg.resume,
+            cfg.progress,
+            log=lambda m: print(m, file=sys.stderr),
+        )
+        if cfg.export and name == "model":
+            from hallucinate.run import load_model
+
+            path = export_torchscript(load_model(run / name), clip, run / name / "inference.pt")
+            print(f"exported the RGB-only inference model to {path}", file=sys.stderr)
+        del trainer
+    return 0
+
+
+def cmd_evaluate(cfg: EvaluateConfig) -> int:
+    from hallucinate.data import ClipSpec
+    from hallucinate.model import StreamSpec
+    from hallucinate.run import evaluate_run
+
+    run = Path(cfg.run) if cfg.run else Path("runs") / Path(cfg.dataset).stem
+    best = run / "model" / "best.pt"
+    if not best.is_file():
+        raise HallucinateError(
+            f"{best} not found: train first (`make train` or `hallucinate train run={run}`)"
+        )
+    import torch
+
+    saved = torch.load(best, map_location="cpu", weights_only=False)["config"]
+    streams = [StreamSpec(**s) for s in saved["streams"]]
+    clip = ClipSpec(**saved["clip"])
+    dataset, splits = _splits(cfg, streams, clip, True, saved["seed"])
+    report = evaluate_run(run, splits, cfg.batch_size, dataset.multilabel, _device(cfg.device))
+    print(format_report(report))
+    print(f"\nwritten: {run / 'evaluation.json'}, {run / 'curves.png'}, {run / 'quality.png'}")
+    return 0
+
+
+def format_report(report: dict) -> str:
+    protocols = report["protocols"]
+    metrics = list(next(iter(protocols.values())))
+    lines = ["protocol        " + "".join(f"{m:>16}" for m in metrics)]
+    for name, values in protocols.items():
+        lines.append(f"{name:<16}" + "".join(f"{values[m]:>16.3f}" for m in metrics))
+    if report["drop_one"]:
+        lines.append("\ndrop one stream (test)  " + "".join(f"{m:>16}" for m in metrics))
+        for name, values in report["drop_one"].items():
+            lines.append(f"{name:<24}" + "".join(f"{values[m]:>16.3f}" for m in metrics))
+        lines.append(
+            f"\n{'stream quality':<24}{'R2 train':>10}{'R2 test':>10}{'cos train':>11}{'cos test':>10}"
+        )
+        for name in report["streams"]:
+            tr, te = report["quality"]["train"][name], report["quality"]["test"][name]
+            lines.append(
+                f"{name:<24}{tr['r2']:>10.3f}{te['r2']:>10.3f}{tr['cosine']:>11.3f}{te['cosine']:>10.3f}"
+            )
+    return "\n".join(lines)
 
 
 def _not_yet(issue: str):

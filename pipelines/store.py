@@ -94,6 +94,7 @@ class Entry:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     flags: dict[str, str] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # of stored arrays, read or not
 
     @property
     def config_hash(self) -> str | None:
@@ -271,7 +272,7 @@ def _read_entry(group: h5py.Group, with_arrays: bool = True) -> Entry:
     status = attrs.pop("status", DONE)
     flags = json.loads(attrs.pop("flags", "{}"))
     arrays = {k: group[k][()] for k in group} if with_arrays else {}
-    return Entry(status, arrays, flags, attrs)
+    return Entry(status, arrays, flags, attrs, {k: group[k].shape for k in group})
 
 
 def read_shard(

@@ -1,0 +1,155 @@
+"""Clips and ground-truth descriptors for training and evaluation.
+
+A sample is an RGB clip (3, T, S, S) in [-1, 1] (random crop and flip when
+training, centre crop at test, METHOD.md §5.2), its label, and for each
+stream the cached descriptor plus a mask bit that is False when the store
+holds no such descriptor for the video (flagged no_audio, failed, missing).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from extractors.base import FrameSpec
+from hallucinate.model import StreamSpec
+from pipelines.datasets import VideoRecord
+from pipelines.decode import iter_frames
+from pipelines.errors import DatasetError
+from pipelines.store import DONE, TIMESTAMPS, ShardIndex, ShardReader, read_shard, shard_path
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    frames: int = 16  # clip length T (the paper: 64 with I3D; fewer for the tiny backbone)
+    size: int = 64  # crop size S
+    short_side: int = 72  # frames are resized to this before cropping
+    fps: float | None = None  # None: the video's own rate
+
+
+def discover_streams(
+    store: str | Path, video_ids: list[str], wanted: list[str] | None = None
+) -> list[StreamSpec]:
+    """One stream per fixed-size 1-D descriptor found in the store for these videos.
+
+    Refuses to mix provenance: every result of an extractor used for a stream
+    must carry the same version and config hash, since descriptors computed
+    with different settings are not the same target.
+    """
+    index = ShardIndex.load(store)
+    where = index.video_to_shard()
+    shards = sorted({where[v] for v in video_ids if v in where})
+    dims: dict[str, set[tuple[int, ...]]] = defaultdict(set)
+    hashes: dict[str, set[str]] = defaultdict(set)
+    ids = set(video_ids)
+    for shard in shards:
+        entries, _ = read_shard(shard_path(store, shard))
+        for (vid, extractor), entry in entries.items():
+            if vid not in ids or entry.status != DONE:
+                continue
+            hashes[extractor].add(f"v{entry.attrs.get('version')}:{entry.config_hash}")
+            for output, shape in entry.shapes.items():
+                if output != TIMESTAMPS:
+                    dims[f"{extractor}/{output}"].add(shape)
+    streams = []
+    for name in sorted(dims):
+        extractor = name.rsplit("/", 1)[0]
+        if wanted is not None and name not in wanted and extractor not in wanted:
+            continue
+        if len(hashes[extractor]) > 1:
+            raise DatasetError(
+                f"{store}: results of {extractor} were made with different settings "
+                f"({', '.join(sorted(hashes[extractor]))}); re-run `hallucinate extract` with one "
+                "config so every video has the same descriptor"
+            )
+        shapes = dims[name]
+        if len(shapes) == 1 and len(next(iter(shapes))) == 1:
+            streams.append(StreamSpec(name, next(iter(shapes))[0]))
+    if wanted is not None:
+        found = {s.name for s in streams} | {s.name.rsplit("/", 1)[0] for s in streams}
+        missing = [w for w in wanted if w not in found]
+        if missing:
+            raise DatasetError(f"{store}: no fixed-size descriptor {missing} for these videos")
+    return streams
+
+
+class ClipDataset(Dataset):
+    """Clips of ``records`` with their streams' ground truth from ``store``.
+
+    ``preload`` decodes every video once, at the sampled size, into memory:
+    right for small sets such as the demo; otherwise each item is decoded on
+    the fly (streaming, inside DataLoader workers).
+    """
+
+    def __init__(
+        self,
+        records: list[VideoRecord],
+        num_classes: int,
+        spec: ClipSpec,
+        train: bool,
+        store: str | Path | None = None,
+        streams: list[StreamSpec] = (),
+        multilabel: bool = False,
+        preload: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.records, self.num_classes, self.spec = list(records), num_classes, spec
+        self.train, self.multilabel, self.streams = train, multilabel, list(streams)
+        self.reader = ShardReader(store) if store is not None and self.streams else None
+        self.rng = np.random.default_rng(seed)
+        self.frame_spec = FrameSpec(fps=spec.fps, short_side=spec.short_side)
+        self.frames: list[np.ndarray] | None = None
+        if preload:
+            self.frames = [self._decode(r) for r in tqdm(self.records, desc="decode", unit="video")]
+
+    def _decode(self, record: VideoRecord) -> np.ndarray:
+        return np.concatenate([b.frames for b in iter_frames(record.path, self.frame_spec)])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _clip(self, frames: np.ndarray) -> torch.Tensor:
+        t, s = self.spec.frames, self.spec.size
+        n, h, w = frames.shape[:3]
+        start = self.rng.integers(0, max(1, n - t + 1)) if self.train else max(0, (n - t) // 2)
+        idx = (start + np.arange(t)) % n  # loop short videos
+        y0, x0 = (
+            (self.rng.integers(0, h - s + 1), self.rng.integers(0, w - s + 1))
+            if self.train
+            else ((h - s) // 2, (w - s) // 2)
+        )
+        clip = frames[idx, y0 : y0 + s, x0 : x0 + s]
+        if self.train and self.rng.random() < 0.5:
+            clip = clip[:, :, ::-1]
+        clip = torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2).float()
+        return clip / 127.5 - 1.0
+
+    def label(self, record: VideoRecord) -> torch.Tensor:
+        if self.multilabel:
+            target = torch.zeros(self.num_classes)
+            target[list(record.labels)] = 1.0
+            return target
+        return torch.tensor(record.labels[0] if record.labels else -1)
+
+    def ground_truth(self, record: VideoRecord) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        gt, mask = {}, torch.zeros(len(self.streams), dtype=torch.bool)
+        for i, stream in enumerate(self.streams):
+            try:
+                value = self.reader.get(record.video_id, stream.name)
+                gt[stream.name] = torch.from_numpy(value.astype(np.float32).reshape(-1))
+                mask[i] = True
+            except KeyError:  # flagged (no audio, no boxes), failed or not extracted
+                gt[stream.name] = torch.zeros(stream.dim)
+        return gt, mask
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        frames = self.frames[i] if self.frames is not None else self._decode(record)
+        gt, mask = self.ground_truth(record)
+        return {"clip": self._clip(frames), "label": self.label(record), "gt": gt, "mask": mask, "index": i}

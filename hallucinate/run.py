@@ -1,0 +1,254 @@
+"""Training and evaluation runs: the composition behind ``hallucinate train/evaluate``.
+
+Everything here takes plain typed values; the CLI turns YAML and key=value
+overrides into them. A run directory holds::
+
+    config.json            the resolved options of the run
+    model/                 the hallucination model: best.pt, last.pt, metrics.jsonl, tb/, inference.pt
+    baseline/              the RGB-only model with the same backbone and budget
+    evaluation.json        the three protocols, the ablation and stream quality
+    curves.png, quality.png
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from hallucinate.backbones import create_backbone
+from hallucinate.data import ClipDataset, ClipSpec
+from hallucinate.metrics import classification_metrics, stream_quality
+from hallucinate.model import HallucinationNet, StreamSpec
+from hallucinate.power_norm import create_power_norm
+from hallucinate.trainer import Schedule, Trainer, build_hallucination_loss, seed_everything, to_device
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    backbone: str = "tiny3d"
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    d: int = 128
+    copies: int = 1  # multiple sketches per target (MSK)
+    hidden: int = 512
+    fused_dim: int | None = 2000  # P_tot; None: no sketch on the concatenation
+    head: str = "fc"
+    power_norm: str = "asinhe"
+    power_norm_options: dict[str, float] = field(default_factory=dict)
+    loss: str = "mse"  # or "uncertainty"
+    pattern: str = "grouped"
+    kappa: float = 1.0
+
+    def build(
+        self, streams: list[StreamSpec], num_classes: int, clip: ClipSpec, seed: int
+    ) -> HallucinationNet:
+        return HallucinationNet(
+            create_backbone(self.backbone, **self.backbone_options),
+            streams,
+            num_classes,
+            clip.frames,
+            clip.size,
+            create_power_norm(self.power_norm, **self.power_norm_options),
+            d=self.d,
+            copies=self.copies,
+            hidden=self.hidden,
+            fused_dim=self.fused_dim,
+            head=self.head,
+            seed=seed,
+        )
+
+
+@dataclass
+class Splits:
+    train: ClipDataset
+    val: ClipDataset
+    test: ClipDataset
+
+
+def loader(ds: ClipDataset, batch_size: int, workers: int, shuffle: bool = False) -> DataLoader:
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, persistent_workers=workers > 0
+    )
+
+
+def train_model(
+    run_dir: Path,
+    splits: Splits,
+    streams: list[StreamSpec],
+    num_classes: int,
+    options: ModelOptions,
+    schedule: Schedule,
+    clip: ClipSpec,
+    batch_size: int,
+    seed: int,
+    multilabel: bool = False,
+    workers: int = 0,
+    device: str = "cpu",
+    resume: bool = True,
+    progress: bool = True,
+    log=print,
+) -> Trainer:
+    """Trains one model (the hallucination model, or the baseline when ``streams`` is empty)."""
+    seed_everything(seed)
+    model = options.build(streams, num_classes, clip, seed)
+    loss = None
+    if streams:
+        loss = build_hallucination_loss(
+            options.loss, len(streams), options.d * options.copies, options.pattern, options.kappa, seed
+        )
+    config = {
+        "model": asdict(options),
+        "clip": asdict(clip),
+        "seed": seed,
+        "streams": [asdict(s) for s in streams],
+        "num_classes": num_classes,
+        "multilabel": multilabel,
+    }
+    trainer = Trainer(model, loss, schedule, run_dir, multilabel, device, config, log)
+    if resume:
+        trainer.resume()
+    train_set = splits.train
+    trainer.fit(
+        loader(train_set, batch_size, workers, shuffle=True),
+        loader(splits.val, batch_size, workers),
+        progress=progress,
+    )
+    return trainer
+
+
+def load_model(run_dir: Path, name: str = "best.pt", device: str = "cpu") -> HallucinationNet:
+    state = torch.load(run_dir / name, map_location=device, weights_only=False)
+    cfg = state["config"]
+    options = ModelOptions(**cfg["model"])
+    streams = [StreamSpec(**s) for s in cfg["streams"]]
+    model = options.build(streams, cfg["num_classes"], ClipSpec(**cfg["clip"]), cfg["seed"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+class InferenceModel(torch.nn.Module):
+    """RGB clip in, logits out: what is deployed (no extractor, no ground truth)."""
+
+    def __init__(self, model: HallucinationNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        return self.model(clip)
+
+
+def export_torchscript(model: HallucinationNet, clip: ClipSpec, path: Path) -> Path:
+    """Traces the RGB-only inference model and checks it against eager mode."""
+    wrapper = InferenceModel(model.eval())
+    example = torch.rand(2, 3, clip.frames, clip.size, clip.size) * 2 - 1
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, example)
+        torch.testing.assert_close(traced(example), wrapper(example), rtol=1e-4, atol=1e-5)
+    traced.save(str(path))
+    return path
+
+
+@torch.no_grad()
+def collect(model: HallucinationNet, ds: ClipDataset, batch_size: int, device: str = "cpu") -> dict:
+    """Backbone features, hallucinated streams, sketched ground truth, masks and labels of a split."""
+    model.eval()
+    out: dict[str, list] = {"x": [], "hal": [], "true": [], "mask": [], "label": []}
+    for batch in loader(ds, batch_size, 0):
+        batch = to_device(batch, torch.device(device))
+        x = model.backbone(batch["clip"])
+        out["x"].append(x)
+        out["hal"].append(model.hallucinate(x))
+        out["true"].append(model.target(batch["gt"]) if model.streams else model.hallucinate(x))
+        out["mask"].append(batch["mask"])
+        out["label"].append(batch["label"])
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def evaluate_run(
+    run_dir: Path, splits: Splits, batch_size: int, multilabel: bool, device: str = "cpu"
+) -> dict[str, Any]:
+    """The three protocols, the per-stream ablation and hallucination quality."""
+    model = load_model(run_dir / "model", device=device)
+    test, train = (
+        collect(model, splits.test, batch_size, device),
+        collect(model, splits.train, batch_size, device),
+    )
+
+    def score(streams: torch.Tensor) -> dict[str, float]:
+        return classification_metrics(
+            model.classify(test["x"], streams).cpu(), test["label"].cpu(), multilabel
+        )
+
+    m = test["mask"][..., None].float()
+    report: dict[str, Any] = {"streams": model.stream_names, "protocols": {}}
+    if (run_dir / "baseline" / "best.pt").is_file():
+        baseline = load_model(run_dir / "baseline", device=device)
+        base = collect(baseline, splits.test, batch_size, device)
+        logits = baseline.classify(base["x"], base["hal"])
+        report["protocols"]["rgb_only"] = classification_metrics(
+            logits.cpu(), base["label"].cpu(), multilabel
+        )
+    report["protocols"]["hallucinated"] = score(test["hal"])
+    report["protocols"]["oracle"] = score(m * test["true"] + (1 - m) * test["hal"])
+    train_mean = train["hal"].mean(0, keepdim=True)
+    report["drop_one"] = {}
+    for i, name in enumerate(model.stream_names):
+        dropped = test["hal"].clone()
+        dropped[:, i] = train_mean[:, i]  # the stream carries no information about the clip
+        report["drop_one"][name] = score(dropped)
+    report["quality"] = {
+        split: dict(
+            zip(
+                model.stream_names,
+                stream_quality(d["hal"].cpu(), d["true"].cpu(), d["mask"].cpu()),
+                strict=True,
+            )
+        )
+        for split, d in (("train", train), ("test", test))
+    }
+    (run_dir / "evaluation.json").write_text(json.dumps(report, indent=1))
+    plot_run(run_dir, report)
+    return report
+
+
+def plot_run(run_dir: Path, report: dict[str, Any]) -> None:
+    """curves.png (loss and validation accuracy per epoch) and quality.png (R² per stream)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name in ("model", "baseline"):
+        path = run_dir / name / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        epochs = [r["epoch"] for r in rows]
+        axes[0].plot(epochs, [r["train_cls_loss"] for r in rows], label=f"{name} cls loss")
+        if rows and "train_hal_loss" in rows[0] and name == "model":
+            axes[0].plot(epochs, [r["train_hal_loss"] for r in rows], label="hallucination loss")
+        key = "val_map" if "val_map" in rows[0] else "val_top1"
+        axes[1].plot(epochs, [r.get(key, np.nan) for r in rows], label=name)
+    axes[0].set_xlabel("epoch"), axes[0].legend()
+    axes[1].set_xlabel("epoch"), axes[1].set_ylabel("validation accuracy"), axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=100)
+    plt.close(fig)
+    names = report["streams"]
+    if names:
+        fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(names)), 3.5))
+        x = np.arange(len(names))
+        for k, split in enumerate(("train", "test")):
+            ax.bar(x + 0.4 * k, [report["quality"][split][n]["r2"] for n in names], 0.4, label=split)
+        ax.set_xticks(x + 0.2, [n.replace("/", "\n") for n in names], fontsize=7)
+        ax.set_ylabel("R² (hallucinated vs ground truth)"), ax.legend()
+        fig.tight_layout()
+        fig.savefig(run_dir / "quality.png", dpi=100)
+        plt.close(fig)

@@ -1,0 +1,257 @@
+"""The alternating trainer (METHOD.md §4.5).
+
+Each iteration makes two updates with one Adam optimiser:
+
+(a) the hallucination step: the stacked stream outputs regress their
+    power-normalised, sketched ground truth (MSE or the uncertainty loss);
+    the streams, CENet and, by default, the backbone are updated;
+(b) the classification step: cross-entropy (or BCE for multi-label data)
+    through backbone, streams, HAF and PredNet.
+
+Checkpoints hold the model (sketches included, they are buffers), the loss
+(CENet), optimiser, scheduler, epoch and every RNG state, so a resumed run
+continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from hallucinate.losses import UncertaintyLoss, masked_mse
+from hallucinate.metrics import classification_metrics
+from hallucinate.model import HallucinationNet
+
+
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int = 50
+    lr: float = 1e-4
+    lr_step: int = 10  # epochs between halvings
+    lr_gamma: float = 0.5
+    weight_decay: float = 0.0
+    alpha: float = 1.0  # weight of the hallucination loss
+    hal_updates_backbone: bool = True  # METHOD.md §7.18: step (a) also trains the backbone
+
+
+class MSELoss(nn.Module):
+    """The DEEP-HAL hallucination loss, with modality masks."""
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_mse(pred - target, mask)
+
+
+def build_hallucination_loss(
+    name: str, streams: int, d: int, pattern: str, kappa: float, seed: int
+) -> nn.Module:
+    factories: dict[str, Callable[[], nn.Module]] = {
+        "mse": MSELoss,
+        "uncertainty": lambda: UncertaintyLoss(streams, d, pattern=pattern, kappa=kappa, seed=seed),
+    }
+    if name not in factories:
+        raise ValueError(f"unknown hallucination loss {name!r}; use {', '.join(factories)}")
+    return factories[name]()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out = dict(batch)
+    out["clip"] = batch["clip"].to(device, non_blocking=True)
+    out["label"] = batch["label"].to(device)
+    out["mask"] = batch["mask"].to(device)
+    out["gt"] = {k: v.to(device) for k, v in batch["gt"].items()}
+    return out
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: HallucinationNet,
+        hal_loss: nn.Module | None,
+        schedule: Schedule,
+        run_dir: str | Path,
+        multilabel: bool = False,
+        device: str = "cpu",
+        config: dict[str, Any] | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.model, self.hal_loss, self.schedule = model, hal_loss, schedule
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        if self.hal_loss is not None:
+            self.hal_loss.to(self.device)
+        params = list(model.parameters()) + (list(hal_loss.parameters()) if hal_loss else [])
+        self.optimizer = torch.optim.Adam(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, schedule.lr_step, schedule.lr_gamma)
+        self.classify_loss = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+        self.multilabel = multilabel
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config or {}
+        self.epoch, self.best = 0, -1.0
+        self.log = log
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"))
+        return self._writer
+
+    # ------------------------------------------------------------ steps
+
+    def hallucination_step(self, batch: dict) -> float:
+        """(a): regress the ground truth; PredNet and HAF get no gradient here."""
+        model = self.model
+        x_rgb = model.backbone(batch["clip"])
+        if not self.schedule.hal_updates_backbone:
+            x_rgb = x_rgb.detach()
+        pred = model.hallucinate(x_rgb)
+        with torch.no_grad():
+            target = model.target(batch["gt"])
+        loss = self.schedule.alpha * self.hal_loss(pred, target, batch["mask"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def classification_step(self, batch: dict) -> float:
+        """(b): classify from RGB through every stream, HAF and PredNet."""
+        logits = self.model(batch["clip"])
+        label = batch["label"].float() if self.multilabel else batch["label"]
+        loss = self.classify_loss(logits, label)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    # ------------------------------------------------------------ loop
+
+    def fit(self, train: DataLoader, val: DataLoader | None = None, progress: bool = True) -> list[dict]:
+        history = []
+        metrics_file = self.run_dir / "metrics.jsonl"
+        for epoch in range(self.epoch, self.schedule.epochs):
+            self.model.train()
+            if self.hal_loss is not None:
+                self.hal_loss.train()
+            t0, hal_sum, cls_sum, n = time.perf_counter(), 0.0, 0.0, 0
+            bar = tqdm(
+                train,
+                desc=f"epoch {epoch + 1}/{self.schedule.epochs}",
+                leave=False,
+                disable=not progress,
+                unit="batch",
+            )
+            for batch in bar:
+                batch = to_device(batch, self.device)
+                if self.model.streams and self.hal_loss is not None:
+                    hal_sum += self.hallucination_step(batch)
+                cls_sum += self.classification_step(batch)
+                n += 1
+                bar.set_postfix(cls=f"{cls_sum / n:.3f}", hal=f"{hal_sum / n:.3f}")
+            self.scheduler.step()
+            self.epoch = epoch + 1
+            row = {
+                "epoch": self.epoch,
+                "train_cls_loss": cls_sum / max(n, 1),
+                "train_hal_loss": hal_sum / max(n, 1),
+                "lr": self.scheduler.get_last_lr()[0],
+                "seconds": time.perf_counter() - t0,
+            }
+            if val is not None:
+                val_metrics = evaluate_logits(self.model, val, self.device, self.multilabel)
+                row.update({f"val_{k}": v for k, v in val_metrics.items()})
+            for key, value in row.items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, self.epoch)
+            with metrics_file.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            history.append(row)
+            score = row.get("val_map", row.get("val_top1", -row["train_cls_loss"]))
+            self.save("last.pt")
+            if score > self.best:
+                self.best = score
+                self.save("best.pt")
+            self.log(
+                f"epoch {self.epoch}: cls {row['train_cls_loss']:.3f} hal {row['train_hal_loss']:.3f} "
+                + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("val_"))
+            )
+        if self._writer is not None:
+            self._writer.close()
+        return history
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self, name: str) -> Path:
+        path = self.run_dir / name
+        state = {
+            "model": self.model.state_dict(),
+            "hal_loss": self.hal_loss.state_dict() if self.hal_loss is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "best": self.best,
+            "rng": rng_state(),
+            "schedule": asdict(self.schedule),
+            "config": self.config,
+            "streams": [(s.name, s.dim) for s in self.model.streams],
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+        return path
+
+    def resume(self, name: str = "last.pt") -> bool:
+        path = self.run_dir / name
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        if self.hal_loss is not None and state["hal_loss"] is not None:
+            self.hal_loss.load_state_dict(state["hal_loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.best = state["epoch"], state["best"]
+        set_rng_state(state["rng"])
+        self.log(f"resumed {path} at epoch {self.epoch}")
+        return True
+
+
+@torch.no_grad()
+def evaluate_logits(
+    model: HallucinationNet, loader: DataLoader, device, multilabel: bool
+) -> dict[str, float]:
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        logits.append(model(batch["clip"].to(device)).cpu())
+        labels.append(batch["label"])
+    return classification_metrics(torch.cat(logits), torch.cat(labels), multilabel)

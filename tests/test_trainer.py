@@ -1,0 +1,246 @@
+"""Trainer, model, backbones and data, on tiny inputs (CPU, seconds)."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from hallucinate.backbones import BACKBONES, create_backbone
+from hallucinate.data import ClipDataset, ClipSpec, discover_streams
+from hallucinate.model import HallucinationNet, StreamSpec
+from hallucinate.power_norm import create_power_norm
+from hallucinate.run import export_torchscript, load_model
+from hallucinate.trainer import Schedule, Trainer, build_hallucination_loss, seed_everything, to_device
+from pipelines.errors import DatasetError, MissingWeightsError
+
+CLIP = ClipSpec(frames=8, size=32, short_side=36)
+STREAMS = [StreamSpec("a.x/v", 20), StreamSpec("b.y/w", 7)]
+
+
+def batch(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "clip": torch.rand(n, 3, CLIP.frames, CLIP.size, CLIP.size, generator=g) * 2 - 1,
+        "label": torch.randint(0, 3, (n,), generator=g),
+        "gt": {s.name: torch.randn(n, s.dim, generator=g) for s in STREAMS},
+        "mask": torch.tensor([[True, True], [True, False], [False, True], [True, True]][:n]),
+    }
+
+
+def make(streams=STREAMS, loss="mse", tmp_path=None, hal_updates_backbone=True):
+    seed_everything(0)
+    model = HallucinationNet(
+        create_backbone("tiny3d", width=4),
+        streams,
+        3,
+        CLIP.frames,
+        CLIP.size,
+        create_power_norm("asinhe"),
+        d=16,
+        hidden=32,
+        fused_dim=100,
+    )
+    hal = build_hallucination_loss(loss, len(streams), 16, "grouped", 1.0, 0) if streams else None
+    schedule = Schedule(epochs=2, lr=1e-2, hal_updates_backbone=hal_updates_backbone)
+    return Trainer(model, hal, schedule, tmp_path, log=lambda m: None)
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.dtype.is_floating_point}
+
+
+def changed(before, module):
+    after = module.state_dict()
+    return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
+@pytest.mark.parametrize("loss", ["mse", "uncertainty"])
+def test_alternating_steps_update_the_right_parameters(tmp_path, loss):
+    t = make(loss=loss, tmp_path=tmp_path)
+    m = t.model
+    parts = {
+        "backbone": m.backbone,
+        "heads": m.heads,
+        "haf": m.haf,
+        "prednet": m.prednet,
+        "cenet": t.hal_loss,
+    }
+    before = {k: snapshot(v) for k, v in parts.items()}
+    t.model.train()
+    t.hallucination_step(batch())
+    moved = {k for k, v in parts.items() if changed(before[k], v)}
+    expected_a = {"backbone", "heads"} | ({"cenet"} if loss == "uncertainty" else set())
+    assert moved == expected_a  # (a) leaves HAF and PredNet alone
+    before = {k: snapshot(v) for k, v in parts.items()}
+    t.classification_step(batch())
+    moved = {k for k, v in parts.items() if changed(before[k], v)}
+    assert {"backbone", "heads", "haf", "prednet"} <= moved and "cenet" not in moved
+
+
+def test_hallucination_step_can_leave_the_backbone(tmp_path):
+    t = make(tmp_path=tmp_path, hal_updates_backbone=False)
+    before = snapshot(t.model.backbone)
+    t.model.train()
+    t.hallucination_step(batch())
+    assert not {k for k in changed(before, t.model.backbone) if "running" not in k and "num_batches" not in k}
+
+
+def test_targets_are_fixed_and_masked_streams_do_not_train(tmp_path):
+    t = make(tmp_path=tmp_path)
+    b = batch()
+    first = t.model.target(b["gt"])
+    assert first.shape == (4, 2, 16)
+    torch.testing.assert_close(t.model.target(b["gt"]), first)
+    # a stream whose ground truth is absent for the whole batch gets no gradient
+    b["mask"][:] = torch.tensor([True, False])
+    head = t.model.heads["b__y--w"]
+    before = snapshot(head)
+    t.model.train()
+    t.hallucination_step(b)
+    assert not changed(before, head)
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, n=8):
+        self.items = [
+            {k: (v[i % 4] if k != "gt" else {n: g[i % 4] for n, g in v.items()}) for k, v in batch().items()}
+            for i in range(n)
+        ]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_checkpoint_resume_restores_everything(tmp_path):
+    full = make(tmp_path=tmp_path / "full")
+    full.schedule = Schedule(epochs=2, lr=1e-2)
+    seed_everything(1)
+    full.fit(DataLoader(_Data(), batch_size=4, shuffle=True), progress=False)
+
+    half = make(tmp_path=tmp_path / "half")
+    half.schedule = Schedule(epochs=1, lr=1e-2)
+    seed_everything(1)
+    half.fit(DataLoader(_Data(), batch_size=4, shuffle=True), progress=False)
+    resumed = make(tmp_path=tmp_path / "half")
+    resumed.schedule = Schedule(epochs=2, lr=1e-2)
+    assert resumed.resume() and resumed.epoch == 1
+    resumed.fit(DataLoader(_Data(), batch_size=4, shuffle=True), progress=False)
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, msg=k)
+    assert resumed.scheduler.last_epoch == full.scheduler.last_epoch
+
+
+def test_export_gives_the_same_logits(tmp_path):
+    t = make(tmp_path=tmp_path)
+    t.fit(DataLoader(_Data(), batch_size=4), progress=False)
+    t.config = {
+        "model": {
+            "backbone": "tiny3d",
+            "backbone_options": {"width": 4},
+            "d": 16,
+            "hidden": 32,
+            "fused_dim": 100,
+        },
+        "clip": CLIP.__dict__,
+        "seed": 0,
+        "streams": [s.__dict__ for s in STREAMS],
+        "num_classes": 3,
+        "multilabel": False,
+    }
+    t.save("best.pt")
+    model = load_model(tmp_path)
+    path = export_torchscript(model, CLIP, tmp_path / "inference.pt")
+    traced = torch.jit.load(str(path))
+    clip = batch()["clip"]
+    with torch.no_grad():
+        torch.testing.assert_close(traced(clip), model(clip), rtol=1e-4, atol=1e-5)
+
+
+FAST = ["tiny3d", "r3d_18", "mc3_18", "r2plus1d_18", "s3d"]
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_backbone_runs_and_loads_its_own_checkpoint(name, tmp_path):
+    torch.manual_seed(0)
+    net = create_backbone(name)
+    clip = torch.rand(1, 3, 8, 64, 64) * 2 - 1
+    net.eval()
+    with torch.no_grad():
+        out = net(clip)
+    assert out.ndim == 3 and out.shape[1] == net.out_channels
+    inner = getattr(net, "model", net)
+    state = {**inner.state_dict(), "fc.weight": torch.zeros(1)}  # a classifier is ignored
+    torch.save({"state_dict": state}, tmp_path / "w.pth")
+    torch.manual_seed(1)
+    again = create_backbone(name, weights=str(tmp_path / "w.pth")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(clip), out)
+
+
+def test_every_registered_backbone_is_constructible():
+    assert set(FAST) | {"mvit_v2_s", "swin3d_t"} <= set(BACKBONES.names())
+    assert create_backbone("swin3d_t").out_channels == 768
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(MissingWeightsError, match=str(tmp_path / "none.pth")):
+        create_backbone("tiny3d", weights=str(tmp_path / "none.pth"))
+
+
+def test_streams_and_masks_from_the_store(tiny_demo_root, tmp_path):
+    from pipelines.cli import main
+    from pipelines.datasets import load_dataset, load_definition, resolve_paths
+
+    out = tmp_path / "store"
+    assert (
+        main(
+            [
+                "extract",
+                f"data_root={tiny_demo_root}",
+                f"out={out}",
+                "workers=0",
+                "progress=false",
+                "extractors=audio.logmel",
+            ]
+        )
+        == 0
+    )
+    defn = load_definition("demo")
+    records = load_dataset(defn, resolve_paths(defn, tiny_demo_root)).records
+    streams = discover_streams(out, [r.video_id for r in records])
+    assert [(s.name, s.dim) for s in streams] == [("audio.logmel/pyramid", 448), ("audio.logmel/stats", 372)]
+    ds = ClipDataset(records, 6, CLIP, True, out, streams)
+    item = ds[0]
+    assert item["clip"].shape == (3, 8, 32, 32) and -1 <= item["clip"].min() <= item["clip"].max() <= 1
+    masks = np.array([bool(ds[i]["mask"].all()) for i in range(len(ds))])
+    from pipelines.store import ShardReader
+
+    reader = ShardReader(out)
+    flagged = np.array([bool(reader.entry(r.video_id, "audio.logmel").flags) for r in records])
+    assert (masks == ~flagged).all()
+    # mixing provenance is refused
+    assert (
+        main(
+            [
+                "extract",
+                f"data_root={tiny_demo_root}",
+                f"out={out}",
+                "workers=0",
+                "progress=false",
+                "extractors=audio.logmel",
+                "options.audio.logmel.n_mels=32",
+                "limit=3",
+            ]
+        )
+        == 0
+    )
+    with pytest.raises(DatasetError, match="different settings"):
+        discover_streams(out, [r.video_id for r in records])
+
+
+def test_to_device_keeps_structure():
+    b = to_device(batch(), torch.device("cpu"))
+    assert set(b["gt"]) == {s.name for s in STREAMS}
