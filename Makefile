@@ -5,7 +5,11 @@
 #   make extract DATASET=k400 SCHEDULER=tcp://10.0.0.5:8786
 #   make extract DATASET=k400 CLUSTER=slurm ARGS="jobqueue.cores=8 jobqueue.memory=32GB"
 #
-# ARGS passes any further key=value to the hallucinate command.
+#   make train DATASET=demo ARGS="loss=uncertainty epochs=40"
+#   make evaluate DATASET=demo
+#
+# ARGS passes any further key=value to the hallucinate command
+# (TRAIN_ARGS to the training step of `make demo`).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -42,6 +46,8 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(HALLUCINATE) extract dataset=demo $(ARGS)
 	$(HALLUCINATE) inspect dataset=demo
+	$(HALLUCINATE) train dataset=demo $(TRAIN_ARGS)
+	$(HALLUCINATE) evaluate dataset=demo $(if $(TRAIN_ARGS),$(filter run=%,$(TRAIN_ARGS)))
 
 extract: install
 	$(HALLUCINATE) extract $(EXTRACT_ARGS)
@@ -50,10 +56,10 @@ inspect: install
 	$(HALLUCINATE) inspect dataset=$(DATASET) $(if $(OUT),out=$(OUT)) $(ARGS)
 
 train: install
-	$(HALLUCINATE) train dataset=$(DATASET) $(ARGS)
+	$(HALLUCINATE) train dataset=$(DATASET) $(if $(OUT),features=$(OUT)) $(if $(RUN),run=$(RUN)) $(ARGS)
 
 evaluate: install
-	$(HALLUCINATE) evaluate dataset=$(DATASET) $(ARGS)
+	$(HALLUCINATE) evaluate dataset=$(DATASET) $(if $(OUT),features=$(OUT)) $(if $(RUN),run=$(RUN)) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

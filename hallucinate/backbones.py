@@ -84,7 +84,11 @@ class Backbone(nn.Module):
 
 @BACKBONES.register("tiny3d")
 class Tiny3D(Backbone):
-    """A four-block 3D CNN for the demo and CPU tests (about 0.1M parameters at width 16)."""
+    """A four-block 3D CNN for the demo and CPU tests (about 0.1M parameters at width 16).
+
+    X_rgb is max-pooled over space: with mean pooling a small moving object on
+    a large textured background is diluted away, and the demo does not train.
+    """
 
     def __init__(self, width: int = 16, weights: str | None = None) -> None:
         super().__init__()
@@ -109,7 +113,8 @@ class Tiny3D(Backbone):
             load_trunk_weights(self, read_state_dict(weights, "tiny3d"), "tiny3d")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).mean((3, 4))
+        # Max over space: small objects on large textured backgrounds vanish in a mean.
+        return self.body(x).amax((3, 4))
 
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
