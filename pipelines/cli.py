@@ -451,12 +451,8 @@ COMMANDS = {
         _not_yet("the IDT / BoW / Fisher-vector work"),
         "fit PCA/GMM/k-means codebooks",
     ),
-    "train": (None, _not_yet("the trainer"), "train the hallucination model"),
-    "evaluate": (
-        None,
-        _not_yet("the trainer"),
-        "evaluate RGB-only, hallucinated and oracle models",
-    ),
+    "train": (TrainConfig, cmd_train, "train the hallucination model and its RGB-only baseline"),
+    "evaluate": (EvaluateConfig, cmd_evaluate, "evaluate RGB-only, hallucinated and oracle protocols"),
 }
 
 

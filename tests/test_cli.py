@@ -108,3 +108,37 @@ def test_shipped_configs_parse(name):
 
     cfg = build_config(ExtractConfig, Path(__file__).parents[1] / "configs" / name)
     assert resolve_extractors(cfg.extractors, cfg.options)
+
+
+def test_train_and_evaluate_end_to_end(tiny_demo_root, tmp_path, capsys):
+    import json
+
+    store, run = tmp_path / "store", tmp_path / "run"
+    common = [f"data_root={tiny_demo_root}"]
+    assert main(["extract", *common, f"out={store}", "workers=0", "progress=false"]) == 0
+    small = [
+        "frames=8",
+        "size=32",
+        "short_side=36",
+        "epochs=2",
+        "batch_size=8",
+        "hidden=32",
+        "d=16",
+        "backbone_options.width=4",
+        "progress=false",
+    ]
+    assert main(["train", *common, f"features={store}", f"run={run}", *small]) == 0
+    for name in ("model", "baseline"):
+        assert (run / name / "best.pt").is_file() and (run / name / "last.pt").is_file()
+        assert len((run / name / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (run / "model" / "inference.pt").is_file()
+    assert main(["train", *common, f"features={store}", f"run={run}", *small]) == 0  # resumes: no epoch left
+    assert len((run / "model" / "metrics.jsonl").read_text().splitlines()) == 2
+    capsys.readouterr()
+    assert main(["evaluate", *common, f"features={store}", f"run={run}"]) == 0
+    out = capsys.readouterr().out
+    for word in ("rgb_only", "hallucinated", "oracle", "audio.logmel/stats", "R2 train"):
+        assert word in out
+    report = json.loads((run / "evaluation.json").read_text())
+    assert set(report["protocols"]) == {"rgb_only", "hallucinated", "oracle"}
+    assert (run / "curves.png").is_file() and (run / "quality.png").is_file()
