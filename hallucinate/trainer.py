@@ -1,6 +1,6 @@
 """The alternating trainer (METHOD.md §4.5).
 
-Each iteration makes two updates with one Adam optimiser:
+Each iteration makes two updates, each with its own Adam optimiser:
 
 (a) the hallucination step: the stacked stream outputs regress their
     power-normalised, sketched ground truth (MSE or the uncertainty loss);
@@ -8,9 +8,15 @@ Each iteration makes two updates with one Adam optimiser:
 (b) the classification step: cross-entropy (or BCE for multi-label data)
     through backbone, streams, HAF and PredNet.
 
+Two optimisers, not one: the hallucination loss (a sum of squares over d
+sketch coordinates per stream) can be two orders of magnitude larger than the
+cross-entropy; sharing Adam's second-moment estimates would then shrink every
+classification update of the shared backbone to nothing. With one optimiser
+per step, each step's update size is independent of its loss scale.
+
 Checkpoints hold the model (sketches included, they are buffers), the loss
-(CENet), optimiser, scheduler, epoch and every RNG state, so a resumed run
-continues exactly where it stopped.
+(CENet), both optimisers and schedulers, the epoch and every RNG state, so a
+resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -106,9 +112,19 @@ class Trainer:
         self.model.to(self.device)
         if self.hal_loss is not None:
             self.hal_loss.to(self.device)
-        params = list(model.parameters()) + (list(hal_loss.parameters()) if hal_loss else [])
-        self.optimizer = torch.optim.Adam(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, schedule.lr_step, schedule.lr_gamma)
+
+        def adam(params):
+            return torch.optim.Adam(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+
+        hal_params = list(model.backbone.parameters()) + list(model.heads.parameters())
+        hal_params += list(hal_loss.parameters()) if hal_loss is not None else []
+        self.optimizers = {"cls": adam(model.parameters())}
+        if model.streams:
+            self.optimizers["hal"] = adam(hal_params)
+        self.schedulers = {
+            k: torch.optim.lr_scheduler.StepLR(o, schedule.lr_step, schedule.lr_gamma)
+            for k, o in self.optimizers.items()
+        }
         self.classify_loss = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
         self.multilabel = multilabel
         self.run_dir = Path(run_dir)
@@ -138,9 +154,9 @@ class Trainer:
         with torch.no_grad():
             target = model.target(batch["gt"])
         loss = self.schedule.alpha * self.hal_loss(pred, target, batch["mask"])
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizers["hal"].zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        self.optimizers["hal"].step()
         return float(loss.detach())
 
     def classification_step(self, batch: dict) -> float:
@@ -148,9 +164,9 @@ class Trainer:
         logits = self.model(batch["clip"])
         label = batch["label"].float() if self.multilabel else batch["label"]
         loss = self.classify_loss(logits, label)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizers["cls"].zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        self.optimizers["cls"].step()
         return float(loss.detach())
 
     # ------------------------------------------------------------ loop
@@ -177,13 +193,14 @@ class Trainer:
                 cls_sum += self.classification_step(batch)
                 n += 1
                 bar.set_postfix(cls=f"{cls_sum / n:.3f}", hal=f"{hal_sum / n:.3f}")
-            self.scheduler.step()
+            for scheduler in self.schedulers.values():
+                scheduler.step()
             self.epoch = epoch + 1
             row = {
                 "epoch": self.epoch,
                 "train_cls_loss": cls_sum / max(n, 1),
                 "train_hal_loss": hal_sum / max(n, 1),
-                "lr": self.scheduler.get_last_lr()[0],
+                "lr": self.schedulers["cls"].get_last_lr()[0],
                 "seconds": time.perf_counter() - t0,
             }
             if val is not None:
@@ -215,8 +232,8 @@ class Trainer:
         state = {
             "model": self.model.state_dict(),
             "hal_loss": self.hal_loss.state_dict() if self.hal_loss is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "epoch": self.epoch,
             "best": self.best,
             "rng": rng_state(),
@@ -237,8 +254,9 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         if self.hal_loss is not None and state["hal_loss"] is not None:
             self.hal_loss.load_state_dict(state["hal_loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for key, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][key])
+            self.schedulers[key].load_state_dict(state["schedulers"][key])
         self.epoch, self.best = state["epoch"], state["best"]
         set_rng_state(state["rng"])
         self.log(f"resumed {path} at epoch {self.epoch}")
