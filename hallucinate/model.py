@@ -92,6 +92,9 @@ class HallucinationNet(nn.Module):
         self.targets = nn.ModuleDict(
             {_key(s.name): MultiSketch(s.dim, d, copies, seed + 17 * i + 1) for i, s in enumerate(streams)}
         )
+        for s in streams:  # training-set statistics of each descriptor; see ``target``
+            self.register_buffer(f"gt_mean__{_key(s.name)}", torch.zeros(s.dim))
+            self.register_buffer(f"gt_std__{_key(s.name)}", torch.ones(s.dim))
         total = d * copies * len(streams) + d
         self.fuse = CountSketch(total, fused_dim, seed) if fused_dim else nn.Identity()
         width = fused_dim or total
@@ -107,9 +110,29 @@ class HallucinationNet(nn.Module):
             return x_rgb.new_zeros(x_rgb.shape[0], 0, self.d * self.copies)
         return torch.stack([self.power_norm(h(x_rgb)) for h in self.heads.values()], 1)
 
+    def set_target_statistics(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Per-dimension mean and std of each descriptor over the training set."""
+        for name, (mean, std) in stats.items():
+            getattr(self, f"gt_mean__{_key(name)}").copy_(mean)
+            getattr(self, f"gt_std__{_key(name)}").copy_(std.clamp(min=1e-6))
+
     def target(self, gt: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Ground truth in the streams' space: PN at full size, then the fixed sketch(es)."""
-        return torch.stack([self.targets[_key(s.name)](self.power_norm(gt[s.name])) for s in self.streams], 1)
+        """Ground truth in the streams' space: standardise, ℓ2-normalise, PN, then sketch.
+
+        The paper's descriptors arrive ℓ1/ℓ2-normalised (BoW, FV, ODF means);
+        raw ones such as log-mel statistics in dB do not, and after PN every
+        coordinate would saturate, giving sketched targets far outside what a
+        power-normalised stream output can reach. Standardising with
+        training-set statistics (buffers, so the oracle and exported model use
+        the same) and ℓ2-normalising puts every family on the paper's footing.
+        """
+        out = []
+        for s in self.streams:
+            k = _key(s.name)
+            z = (gt[s.name] - getattr(self, f"gt_mean__{k}")) / getattr(self, f"gt_std__{k}")
+            z = z / (z.norm(dim=-1, keepdim=True) + 1e-8)
+            out.append(self.targets[k](self.power_norm(z)))
+        return torch.stack(out, 1)
 
     def classify(self, x_rgb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
         haf = self.power_norm(self.haf(x_rgb))

@@ -96,6 +96,8 @@ def train_model(
     """Trains one model (the hallucination model, or the baseline when ``streams`` is empty)."""
     seed_everything(seed)
     model = options.build(streams, num_classes, clip, seed)
+    if streams:
+        model.set_target_statistics(splits.train.target_statistics())
     loss = None
     if streams:
         loss = build_hallucination_loss(

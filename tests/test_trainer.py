@@ -223,3 +223,20 @@ def test_streams_and_masks_from_the_store(tiny_demo_root, tmp_path):
 def test_to_device_keeps_structure():
     b = to_device(batch(), torch.device("cpu"))
     assert set(b["gt"]) == {s.name for s in STREAMS}
+
+
+def test_target_standardises_normalises_then_sketches():
+    t = make()
+    m = t.model
+    gt = batch()["gt"]
+    stats = {s.name: (gt[s.name].mean(0) + 100, gt[s.name].std(0) * 50) for s in STREAMS}
+    m.set_target_statistics(stats)
+    got = m.target({k: v * 50 + 100 for k, v in gt.items()})  # a dB-like scale and offset
+    for i, s in enumerate(STREAMS):
+        mean, std = stats[s.name]
+        z = (gt[s.name] * 50 + 100 - mean) / std
+        z = z / z.norm(dim=-1, keepdim=True)
+        want = m.targets[s.name.replace(".", "__").replace("/", "--")](m.power_norm(z))
+        torch.testing.assert_close(got[:, i], want)
+    # in range of what a power-normalised stream output can reach
+    assert got.abs().max() < 3
