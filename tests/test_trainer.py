@@ -225,8 +225,8 @@ def test_to_device_keeps_structure():
     assert set(b["gt"]) == {s.name for s in STREAMS}
 
 
-def test_target_standardises_normalises_then_sketches():
-    t = make()
+def test_target_standardises_normalises_then_sketches(tmp_path):
+    t = make(tmp_path=tmp_path)
     m = t.model
     gt = batch()["gt"]
     stats = {s.name: (gt[s.name].mean(0) + 100, gt[s.name].std(0) * 50) for s in STREAMS}
