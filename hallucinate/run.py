@@ -96,10 +96,9 @@ def train_model(
     """Trains one model (the hallucination model, or the baseline when ``streams`` is empty)."""
     seed_everything(seed)
     model = options.build(streams, num_classes, clip, seed)
-    if streams:
-        model.set_target_statistics(splits.train.target_statistics())
     loss = None
     if streams:
+        model.set_target_statistics(splits.train.target_statistics())
         loss = build_hallucination_loss(
             options.loss, len(streams), options.d * options.copies, options.pattern, options.kappa, seed
         )
@@ -114,9 +113,8 @@ def train_model(
     trainer = Trainer(model, loss, schedule, run_dir, multilabel, device, config, log)
     if resume:
         trainer.resume()
-    train_set = splits.train
     trainer.fit(
-        loader(train_set, batch_size, workers, shuffle=True),
+        loader(splits.train, batch_size, workers, shuffle=True),
         loader(splits.val, batch_size, workers),
         progress=progress,
     )

@@ -365,7 +365,7 @@ def cmd_train(cfg: TrainConfig) -> int:
         print(
             f"training {name} ({cfg.backbone}, {len(job_streams)} streams) into {run / name}", file=sys.stderr
         )
-        trainer = train_model(
+        train_model(
             run / name,
             splits,
             job_streams,
@@ -387,7 +387,6 @@ def cmd_train(cfg: TrainConfig) -> int:
 
             path = export_torchscript(load_model(run / name), clip, run / name / "inference.pt")
             print(f"exported the RGB-only inference model to {path}", file=sys.stderr)
-        del trainer
     return 0
 
 
