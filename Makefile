@@ -69,6 +69,7 @@ bench: install
 	$(BIN)/python -m benchmarks.bench_decode
 	$(BIN)/python -m benchmarks.bench_store
 	$(BIN)/python -m benchmarks.bench_workers
+	$(BIN)/python -m benchmarks.bench_training
 
 lint: install
 	$(BIN)/ruff check .

@@ -240,3 +240,24 @@ def test_target_standardises_normalises_then_sketches(tmp_path):
         torch.testing.assert_close(got[:, i], want)
     # in range of what a power-normalised stream output can reach
     assert got.abs().max() < 3
+
+
+def test_multilabel_training_uses_bce_and_reports_map(tmp_path):
+    from hallucinate.metrics import classification_metrics
+    from hallucinate.trainer import evaluate_logits
+
+    t = make(tmp_path=tmp_path)
+    t.multilabel = True
+    t.classify_loss = torch.nn.BCEWithLogitsLoss()
+    b = batch()
+    b["label"] = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    t.model.train()
+    first = t.classification_step(b)
+    for _ in range(30):
+        last = t.classification_step(b)
+    assert last < first
+    loader = [{"clip": b["clip"], "label": b["label"]}]
+    metrics = evaluate_logits(t.model, loader, "cpu", multilabel=True)
+    assert set(metrics) == {"map"} and 0 <= metrics["map"] <= 1
+    perfect = classification_metrics(b["label"] * 10 - 5, b["label"], multilabel=True)
+    assert perfect["map"] == pytest.approx(1.0)
