@@ -54,10 +54,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         times = {}
-        for label, use, loss in (
-            ("rgb-only", [], None),
-            ("mse", streams, "mse"),
-            ("uncertainty", streams, "uncertainty"),
+        for label, use, loss, mode in (
+            ("rgb-only", [], None, "alternating"),
+            ("mse", streams, "mse", "alternating"),
+            ("uncertainty", streams, "uncertainty", "alternating"),
+            ("mse, joint", streams, "mse", "joint"),
         ):
             torch.manual_seed(0)
             model = HallucinationNet(
@@ -71,13 +72,11 @@ def main() -> None:
                 hidden=256,
             )
             hal = build_hallucination_loss(loss, len(use), 128, "grouped", 1.0, 0) if use else None
-            t = Trainer(model, hal, Schedule(), Path(tmp) / label, log=lambda m: None)
+            t = Trainer(model, hal, Schedule(mode=mode), Path(tmp) / label, log=lambda m: None)
             model.train()
 
-            def step(t=t, use=use):
-                if use:
-                    t.hallucination_step(batch)
-                t.classification_step(batch)
+            def step(t=t):
+                t.train_step(batch)
 
             times[label] = timed(step, args.repeats)
             rows.append(

@@ -49,6 +49,9 @@ class Schedule:
     weight_decay: float = 0.0
     alpha: float = 1.0  # weight of the hallucination loss
     hal_updates_backbone: bool = True  # METHOD.md §7.18: step (a) also trains the backbone
+    # "alternating" (the paper: two updates per iteration) or "joint" (ours: one
+    # update of CE + alpha * hallucination loss, one backbone pass, about half the cost)
+    mode: str = "alternating"
 
 
 class MSELoss(nn.Module):
@@ -116,11 +119,16 @@ class Trainer:
         def adam(params):
             return torch.optim.Adam(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
 
-        hal_params = list(model.backbone.parameters()) + list(model.heads.parameters())
-        hal_params += list(hal_loss.parameters()) if hal_loss is not None else []
-        self.optimizers = {"cls": adam(model.parameters())}
-        if model.streams:
-            self.optimizers["hal"] = adam(hal_params)
+        if schedule.mode not in ("alternating", "joint"):
+            raise ValueError(f"unknown schedule mode {schedule.mode!r}; use alternating or joint")
+        loss_params = list(hal_loss.parameters()) if hal_loss is not None else []
+        if schedule.mode == "joint":
+            self.optimizers = {"cls": adam(list(model.parameters()) + loss_params)}
+        else:
+            self.optimizers = {"cls": adam(model.parameters())}
+            if model.streams:
+                hal_params = list(model.backbone.parameters()) + list(model.heads.parameters())
+                self.optimizers["hal"] = adam(hal_params + loss_params)
         self.schedulers = {
             k: torch.optim.lr_scheduler.StepLR(o, schedule.lr_step, schedule.lr_gamma)
             for k, o in self.optimizers.items()
@@ -169,6 +177,30 @@ class Trainer:
         self.optimizers["cls"].step()
         return float(loss.detach())
 
+    def joint_step(self, batch: dict) -> tuple[float, float]:
+        """One update of CE + alpha * hallucination loss, sharing one backbone pass."""
+        model = self.model
+        x_rgb = model.backbone(batch["clip"])
+        pred = model.hallucinate(x_rgb)
+        logits = model.classify(x_rgb, pred)
+        label = batch["label"].float() if self.multilabel else batch["label"]
+        cls = self.classify_loss(logits, label)
+        with torch.no_grad():
+            target = model.target(batch["gt"])
+        hal = self.schedule.alpha * self.hal_loss(pred, target, batch["mask"])
+        self.optimizers["cls"].zero_grad(set_to_none=True)
+        (cls + hal).backward()
+        self.optimizers["cls"].step()
+        return float(hal.detach()), float(cls.detach())
+
+    def train_step(self, batch: dict) -> tuple[float, float]:
+        """One iteration: (hallucination loss, classification loss)."""
+        if not (self.model.streams and self.hal_loss is not None):
+            return 0.0, self.classification_step(batch)
+        if self.schedule.mode == "joint":
+            return self.joint_step(batch)
+        return self.hallucination_step(batch), self.classification_step(batch)
+
     # ------------------------------------------------------------ loop
 
     def fit(self, train: DataLoader, val: DataLoader | None = None, progress: bool = True) -> list[dict]:
@@ -188,10 +220,8 @@ class Trainer:
             )
             for batch in bar:
                 batch = to_device(batch, self.device)
-                if self.model.streams and self.hal_loss is not None:
-                    hal_sum += self.hallucination_step(batch)
-                cls_sum += self.classification_step(batch)
-                n += 1
+                hal, cls = self.train_step(batch)
+                hal_sum, cls_sum, n = hal_sum + hal, cls_sum + cls, n + 1
                 bar.set_postfix(cls=f"{cls_sum / n:.3f}", hal=f"{hal_sum / n:.3f}")
             for scheduler in self.schedulers.values():
                 scheduler.step()

@@ -91,6 +91,7 @@ class TrainConfig:
     lr_step: int = 10
     weight_decay: float = 0.0
     hal_updates_backbone: bool = True
+    schedule: str = "alternating"  # the paper's two updates per iteration, or "joint" (one, cheaper)
     seed: int = 0
     device: str = "auto"
     workers: int = 0  # DataLoader workers
@@ -349,7 +350,14 @@ def cmd_train(cfg: TrainConfig) -> int:
         cfg.kappa,
     )
     schedule = Schedule(
-        cfg.epochs, cfg.lr, cfg.lr_step, 0.5, cfg.weight_decay, cfg.alpha, cfg.hal_updates_backbone
+        cfg.epochs,
+        cfg.lr,
+        cfg.lr_step,
+        0.5,
+        cfg.weight_decay,
+        cfg.alpha,
+        cfg.hal_updates_backbone,
+        cfg.schedule,
     )
     run = Path(cfg.run) if cfg.run else Path("runs") / Path(cfg.dataset).stem
     run.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,38 @@ def test_alternating_steps_update_the_right_parameters(tmp_path, loss):
     assert {"backbone", "heads", "haf", "prednet"} <= moved and "cenet" not in moved
 
 
+def test_joint_step_updates_everything_in_one_pass(tmp_path):
+    seed_everything(0)
+    model = HallucinationNet(
+        create_backbone("tiny3d", width=4),
+        STREAMS,
+        3,
+        CLIP.frames,
+        CLIP.size,
+        create_power_norm("asinhe"),
+        d=16,
+        hidden=32,
+        fused_dim=100,
+    )
+    hal = build_hallucination_loss("uncertainty", 2, 16, "grouped", 1.0, 0)
+    t = Trainer(model, hal, Schedule(mode="joint"), tmp_path, log=lambda m: None)
+    assert set(t.optimizers) == {"cls"}
+    parts = {
+        "backbone": model.backbone,
+        "heads": model.heads,
+        "haf": model.haf,
+        "prednet": model.prednet,
+        "cenet": hal,
+    }
+    before = {k: snapshot(v) for k, v in parts.items()}
+    model.train()
+    hal_loss, cls_loss = t.train_step(batch())
+    assert hal_loss > 0 and cls_loss > 0
+    assert {k for k, v in parts.items() if changed(before[k], v)} == set(parts)
+    with pytest.raises(ValueError, match="alternating or joint"):
+        Trainer(model, hal, Schedule(mode="sometimes"), tmp_path)
+
+
 def test_hallucination_step_can_leave_the_backbone(tmp_path):
     t = make(tmp_path=tmp_path, hal_updates_backbone=False)
     before = snapshot(t.model.backbone)
