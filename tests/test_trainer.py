@@ -27,7 +27,7 @@ def batch(n=4, seed=0):
     }
 
 
-def make(streams=STREAMS, loss="mse", tmp_path=None, hal_updates_backbone=True):
+def make(streams=STREAMS, loss="mse", tmp_path=None, hal_updates_backbone=True, mode="alternating"):
     seed_everything(0)
     model = HallucinationNet(
         create_backbone("tiny3d", width=4),
@@ -41,7 +41,7 @@ def make(streams=STREAMS, loss="mse", tmp_path=None, hal_updates_backbone=True):
         fused_dim=100,
     )
     hal = build_hallucination_loss(loss, len(streams), 16, "grouped", 1.0, 0) if streams else None
-    schedule = Schedule(epochs=2, lr=1e-2, hal_updates_backbone=hal_updates_backbone)
+    schedule = Schedule(epochs=2, lr=1e-2, hal_updates_backbone=hal_updates_backbone, mode=mode)
     return Trainer(model, hal, schedule, tmp_path, log=lambda m: None)
 
 
@@ -78,20 +78,8 @@ def test_alternating_steps_update_the_right_parameters(tmp_path, loss):
 
 
 def test_joint_step_updates_everything_in_one_pass(tmp_path):
-    seed_everything(0)
-    model = HallucinationNet(
-        create_backbone("tiny3d", width=4),
-        STREAMS,
-        3,
-        CLIP.frames,
-        CLIP.size,
-        create_power_norm("asinhe"),
-        d=16,
-        hidden=32,
-        fused_dim=100,
-    )
-    hal = build_hallucination_loss("uncertainty", 2, 16, "grouped", 1.0, 0)
-    t = Trainer(model, hal, Schedule(mode="joint"), tmp_path, log=lambda m: None)
+    t = make(loss="uncertainty", tmp_path=tmp_path, mode="joint")
+    model, hal = t.model, t.hal_loss
     assert set(t.optimizers) == {"cls"}
     parts = {
         "backbone": model.backbone,
