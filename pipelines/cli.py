@@ -290,18 +290,22 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def _splits(cfg, streams, clip, preload: bool, seed: int):
-    """Train / val / test clip datasets of a run (test falls back to val when absent)."""
-    from hallucinate.data import ClipDataset
-    from hallucinate.run import Splits
+def _load_dataset(cfg):
+    """The dataset a train or evaluate config names, parsed once."""
     from pipelines.datasets import load_dataset, load_definition, resolve_paths
 
     defn = load_definition(cfg.dataset, cfg.definition)
-    dataset = load_dataset(defn, resolve_paths(defn, cfg.data_root, cfg.video_root))
-    store = cfg.features or default_out(cfg.dataset)
+    return load_dataset(defn, resolve_paths(defn, cfg.data_root, cfg.video_root))
+
+
+def _splits(dataset, store: Path, streams, clip, preload: bool, seed: int):
+    """Train / val / test clip datasets of a run (test falls back to val when absent)."""
+    from hallucinate.data import ClipDataset
+    from hallucinate.run import Splits
+
     parts = {name: dataset.split(name) for name in ("train", "val", "test")}
     if not parts["train"]:
-        raise HallucinateError(f"dataset {defn.name!r} has no train split")
+        raise HallucinateError(f"dataset {dataset.name!r} has no train split")
     parts["val"] = parts["val"] or parts["test"]
     parts["test"] = parts["test"] or parts["val"]
     n = len(dataset.classes)
@@ -309,7 +313,7 @@ def _splits(cfg, streams, clip, preload: bool, seed: int):
     def make(records, train):
         return ClipDataset(records, n, clip, train, store, streams, dataset.multilabel, preload, seed)
 
-    return dataset, Splits(make(parts["train"], True), make(parts["val"], False), make(parts["test"], False))
+    return Splits(make(parts["train"], True), make(parts["val"], False), make(parts["test"], False))
 
 
 def cmd_train(cfg: TrainConfig) -> int:
@@ -318,10 +322,8 @@ def cmd_train(cfg: TrainConfig) -> int:
     from hallucinate.data import ClipSpec, discover_streams
     from hallucinate.run import ModelOptions, export_torchscript, train_model
     from hallucinate.trainer import Schedule
-    from pipelines.datasets import load_dataset, load_definition, resolve_paths
 
-    defn = load_definition(cfg.dataset, cfg.definition)
-    dataset = load_dataset(defn, resolve_paths(defn, cfg.data_root, cfg.video_root))
+    dataset = _load_dataset(cfg)
     store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
     wanted = None if cfg.streams == ["auto"] else cfg.streams
     streams = (
@@ -364,7 +366,7 @@ def cmd_train(cfg: TrainConfig) -> int:
     from dataclasses import asdict
 
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    _, splits = _splits(cfg, streams, clip, cfg.preload, cfg.seed)
+    splits = _splits(dataset, store, streams, clip, cfg.preload, cfg.seed)
     device = _device(cfg.device)
     names = ", ".join(s.name for s in streams) or "none"
     print(f"streams: {names}", file=sys.stderr)
@@ -414,7 +416,9 @@ def cmd_evaluate(cfg: EvaluateConfig) -> int:
     saved = torch.load(best, map_location="cpu", weights_only=False)["config"]
     streams = [StreamSpec(**s) for s in saved["streams"]]
     clip = ClipSpec(**saved["clip"])
-    dataset, splits = _splits(cfg, streams, clip, True, saved["seed"])
+    dataset = _load_dataset(cfg)
+    store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
+    splits = _splits(dataset, store, streams, clip, True, saved["seed"])
     report = evaluate_run(run, splits, cfg.batch_size, dataset.multilabel, _device(cfg.device))
     print(format_report(report))
     print(f"\nwritten: {run / 'evaluation.json'}, {run / 'curves.png'}, {run / 'quality.png'}")
