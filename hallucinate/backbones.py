@@ -10,35 +10,18 @@ the same path a user's checkpoint takes.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from pipelines.errors import ConfigError, MissingWeightsError
+from pipelines.errors import ConfigError
 from pipelines.registry import Registry
+from pipelines.weights import looks_like_file, read_state_dict, torchvision_state
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 # Keys of classifier layers, dropped when loading a full-model checkpoint.
 CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "heads.")
-
-
-def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """A state dict from a file that holds one, or a checkpoint holding one under a common key."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingWeightsError(
-            what,
-            path,
-            "Download the checkpoint there, or set weights=... to where it is (or "
-            "weights=null for random initialisation).",
-        )
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "model_state"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def load_trunk_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -134,18 +117,17 @@ class TorchvisionVideo(Backbone):
 
     def __init__(self, weights: str | None = None) -> None:
         super().__init__()
-        from torchvision.models import get_weight, video
+        from torchvision.models import video
 
         self.model = getattr(video, self.arch)(weights=None)
         self._set_normalisation(KINETICS_MEAN, KINETICS_STD)
         self._strip_classifier()
         if weights:
             what = f"{self.name} backbone"
-            is_file = Path(weights).suffix in (".pt", ".pth", ".bin", ".ckpt") or Path(weights).exists()
             state = (
                 read_state_dict(weights, what)
-                if is_file
-                else _torchvision_state(get_weight, f"{self.weights_enum}.{weights}", what)
+                if looks_like_file(weights)
+                else torchvision_state(f"{self.weights_enum}.{weights}", what)
             )
             load_trunk_weights(self.model, state, what)
         self.out_channels = self._channels()
@@ -160,23 +142,6 @@ class TorchvisionVideo(Backbone):
         m = self.model
         x = m.layer4(m.layer3(m.layer2(m.layer1(m.stem(x)))))
         return x.mean((3, 4))
-
-
-def _torchvision_state(get_weight, enum_name: str, what: str) -> dict[str, torch.Tensor]:
-    try:
-        weights = get_weight(enum_name)
-    except (ValueError, KeyError, AttributeError):
-        raise ConfigError(f"{what}: no torchvision weights named {enum_name}") from None
-    try:
-        return weights.get_state_dict(progress=True)
-    except OSError as exc:  # offline and not cached
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise MissingWeightsError(
-            what,
-            cache,
-            f"It could not be downloaded ({exc}). Copy {Path(weights.url).name} "
-            f"into {cache.parent}, or pass weights=/path/to/the/file.pth.",
-        ) from None
 
 
 @BACKBONES.register("r3d_18")
