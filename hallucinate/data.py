@@ -51,7 +51,7 @@ def discover_streams(
     for shard in shards:
         entries, _ = read_shard(shard_path(store, shard))
         for (vid, extractor), entry in entries.items():
-            if vid not in ids or entry.status != DONE:
+            if vid not in ids or entry.status != DONE or entry.flags:
                 continue
             hashes[extractor].add(f"v{entry.attrs.get('version')}:{entry.config_hash}")
             for output, shape in entry.shapes.items():
@@ -140,7 +140,10 @@ class ClipDataset(Dataset):
     def ground_truth(self, record: VideoRecord) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         gt, mask = {}, torch.zeros(len(self.streams), dtype=torch.bool)
         for i, stream in enumerate(self.streams):
+            extractor = stream.name.rpartition("/")[0]
             try:
+                if self.reader.flags(record.video_id, extractor):  # e.g. the zero ODF of a box-less video
+                    raise KeyError(stream.name)
                 value = self.reader.get(record.video_id, stream.name)
                 gt[stream.name] = torch.from_numpy(value.astype(np.float32).reshape(-1))
                 mask[i] = True

@@ -12,6 +12,7 @@ the command with the key's name before any work starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from collections import Counter, defaultdict
@@ -45,6 +46,21 @@ class ExtractConfig:
     cluster: str = "local"  # local, slurm, pbs, sge, lsf or htcondor
     jobqueue: dict[str, Any] = field(default_factory=dict)  # dask-jobqueue cluster arguments
     progress: bool = True
+
+
+@dataclass
+class RepoolConfig(ExtractConfig):
+    """``hallucinate repool``: ODF pooled again from stored boxes (as ``odf.repool``), no detector run.
+
+    The dataset, store and cluster keys are those of ``extract``; the
+    ``extractors`` and ``options`` keys are set by this command.
+    """
+
+    source: str = "odf.motion"
+    n_vectors: int = 3
+    rbf: bool = False
+    power_norm: str = "sigme"
+    power_norm_params: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -218,6 +234,14 @@ def cmd_extract(cfg: ExtractConfig) -> int:
         print(f"{len(summary.shard_errors)} shard(s) did not finish; re-run the same command to resume")
         return 1
     return 0
+
+
+def cmd_repool(cfg: RepoolConfig) -> int:
+    pooling = {k: getattr(cfg, k) for k in ("source", "n_vectors", "rbf", "power_norm", "power_norm_params")}
+    extract = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ExtractConfig)}
+    return cmd_extract(
+        ExtractConfig(**{**extract, "extractors": ["odf.repool"], "options": {"odf.repool": pooling}})
+    )
 
 
 def cmd_inspect(cfg: InspectConfig) -> int:
@@ -457,6 +481,7 @@ COMMANDS = {
     "extract": (ExtractConfig, cmd_extract, "run extractors over a dataset into HDF5 shards"),
     "inspect": (InspectConfig, cmd_inspect, "summarise a feature store and its failure ledger"),
     "extractors": (None, cmd_extractors, "list the registered extractors"),
+    "repool": (RepoolConfig, cmd_repool, "pool stored ODF boxes again (other n', PN, RBF); no detector runs"),
     "fit-codebooks": (
         None,
         _not_yet("the IDT / BoW / Fisher-vector work"),

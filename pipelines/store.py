@@ -35,7 +35,8 @@ import numpy as np
 
 from pipelines.errors import DiskFullError, is_disk_full
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the offset table also lists flags
+FLAGGED_TABLE_FORMAT = 2
 SHARDS = "shards"
 STAGING = "staging"
 INDEX = "index.json"
@@ -44,6 +45,7 @@ TIMESTAMPS = "_timestamps"  # frame times (s) an extractor's output was computed
 OFFSETS = "@index"  # offset table; "@" is escaped in video group names, so it cannot clash
 
 DONE, FLAGGED, FAILED = "done", "flagged", "failed"
+FLAGS_KEY = "@flags"  # in the offset table, beside an extractor's outputs
 
 
 def group_name(video_id: str) -> str:
@@ -250,12 +252,17 @@ def _write_entry(group: h5py.Group, entry: Entry, compression: str | None) -> No
 def _offset_table(f: h5py.File) -> dict[str, dict[str, list]]:
     """video group -> "extractor/output" -> [byte offset, dtype, shape] of every
     contiguous uncompressed dataset, so readers can skip HDF5's per-object
-    open (tens of microseconds) and read the bytes directly."""
+    open (tens of microseconds) and read the bytes directly; and
+    "extractor/@flags" -> the flags of every flagged result, for the same
+    reason."""
     table: dict[str, dict[str, list]] = {}
     for vname, vgroup in f.items():
         if vname.startswith("@"):
             continue
         for extractor, egroup in vgroup.items():
+            flags = json.loads(egroup.attrs.get("flags", "{}"))
+            if flags:  # results that exist but must not be trained on (e.g. no boxes)
+                table.setdefault(vname, {})[f"{extractor}/{FLAGS_KEY}"] = flags
             for output, ds in egroup.items():
                 offset = ds.id.get_offset()
                 if ds.chunks is None and ds.size and offset is not None:
@@ -402,6 +409,7 @@ class ShardReader:
         self._files: dict[str, h5py.File] = {}
         self._fds: dict[str, int] = {}
         self._tables: dict[str, dict[str, dict[str, list]]] = {}
+        self._with_table: set[str] = set()  # shards whose table lists flags
         self._datasets: OrderedDict[tuple[str, str], h5py.Dataset] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -431,6 +439,8 @@ class ShardReader:
             # same file even if a re-run renames a new shard over this path.
             self._fds[shard] = f.id.get_vfd_handle()
             self._tables[shard] = json.loads(f[OFFSETS][()].tobytes()) if OFFSETS in f else {}
+            if OFFSETS in f and int(f.attrs.get("format", 0)) >= FLAGGED_TABLE_FORMAT:
+                self._with_table.add(shard)
         return shard
 
     def _video(self, video_id: str) -> h5py.Group:
@@ -466,6 +476,18 @@ class ShardReader:
         else:
             self._datasets.move_to_end(key)
         return ds[()]
+
+    def flags(self, video_id: str, extractor: str) -> dict[str, str]:
+        """The flags of one result ({} when none): a flagged result (``no_boxes``)
+        may still hold arrays, such as a zero descriptor, that must not be
+        trained on. Served from the offset table, without opening HDF5 objects."""
+        shard = self._shard(video_id)
+        if shard in self._with_table:
+            return self._tables[shard].get(group_name(video_id), {}).get(f"{extractor}/{FLAGS_KEY}", {})
+        try:
+            return self.entry(video_id, extractor).flags
+        except KeyError:
+            return {}
 
     def entry(self, video_id: str, extractor: str) -> Entry:
         """Status, flags and provenance of one extractor's result (no arrays)."""

@@ -18,6 +18,14 @@ def tiny_demo_root(tmp_path_factory) -> Path:
     return data_root
 
 
+@pytest.fixture(scope="session")
+def deep_options(tmp_path_factory) -> dict[str, dict]:
+    """Per-extractor options that load small saved models instead of pretrained weights."""
+    from tests.helpers import deep_extractor_options
+
+    return deep_extractor_options(tmp_path_factory.mktemp("weights"))
+
+
 @pytest.fixture
 def demo_copy(tiny_demo_root, tmp_path) -> Path:
     """A private copy of the tiny demo, which a test may add broken files to."""

@@ -144,3 +144,61 @@ class NeedsGpu(FrameStats):
     """A stage that declares a GPU, to test routing; it computes like frame_stats."""
 
     resources = Resources(gpus=1)
+
+
+# ---------------------------------------------------------------- small deep models
+
+# Each deep extractor's default architecture, randomly initialised, saved, and
+# loaded back through the same option a user's checkpoint goes through.
+TORCHVISION_ODF = {
+    "odf.fasterrcnn": "fasterrcnn_resnet50_fpn_v2",
+    "odf.retinanet": "retinanet_resnet50_fpn_v2",
+    "odf.fcos": "fcos_resnet50_fpn",
+    "odf.ssdlite": "ssdlite320_mobilenet_v3_large",
+}
+
+
+def save_torchvision_detector(model_name: str, path: Path) -> Path:
+    import torch
+    from torchvision.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model(model_name, weights=None, weights_backbone=None, num_classes=91)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def save_yolo(path: Path) -> Path:
+    from extractors.detectors import _ultralytics_environment
+
+    _ultralytics_environment()
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from ultralytics import YOLO
+
+    YOLO("yolov8n.yaml").save(str(path))
+    return path
+
+
+def deep_extractor_options(folder: Path) -> dict[str, dict]:
+    """Options that point every deep extractor at a small saved model (few frames, low thresholds).
+
+    A score threshold of 0 keeps the random models' boxes, so the box-vector
+    and pooling path runs; ``fps`` keeps the frame count small.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    options: dict[str, dict] = {}
+    for name, model in TORCHVISION_ODF.items():
+        path = save_torchvision_detector(model, folder / f"{model}.pth")
+        size = {} if "ssdlite" in model else {"min_size": 96, "max_size": 128}
+        options[name] = {
+            "fps": 0.5 if name == "odf.fasterrcnn" else 2.0,  # a random R-CNN keeps ~1000 proposals
+            "score_threshold": 0.0,
+            "max_boxes": 5,
+            "detector": {"weights": str(path), "device": "cpu", **size},
+        }
+    options["odf.yolo"] = {
+        "fps": 2.0,
+        "score_threshold": 0.0,
+        "detector": {"model": str(save_yolo(folder / "yolov8n.pt")), "imgsz": 128, "device": "cpu"},
+    }
+    return options
