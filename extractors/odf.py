@@ -30,8 +30,8 @@ from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, Vid
 from extractors.crops import CROP_FEATURES, CropFeatures, crop_boxes
 from extractors.detectors import DETECTORS, LABEL_RANGES, LABEL_SLOTS, Detector
 from extractors.encoders import multi_moment_pool, multi_moment_size, power_normalise, rbf_embed
-from extractors.registry import register
-from pipelines.config import config_from_mapping, to_plain
+from extractors.registry import build_backend, register
+from pipelines.config import to_plain
 from pipelines.errors import ConfigError
 
 BOX_COLUMNS = ("frame", "slot", "score", "x1", "y1", "x2", "y2")
@@ -87,13 +87,6 @@ class ODFConfig:
     chunk: int = 16  # frames decoded and detected at a time
 
 
-def _build_part(registry, options: Mapping[str, Any], default_name: str, where: str):
-    """(class, typed config) of a backend named by ``options['name']``."""
-    options = dict(options)
-    cls = registry.get(options.pop("name", default_name))
-    return cls, config_from_mapping(cls.Config, options, where=where)
-
-
 class ODFExtractor(Extractor):
     """Base of the ODF extractors; a subclass names its detector backend and defaults."""
 
@@ -105,13 +98,13 @@ class ODFExtractor(Extractor):
     def __init__(self, config: ODFConfig | None = None) -> None:
         config = config if config is not None else ODFConfig()
         where = f"options.{self.name}"
-        det_cls, det_cfg = _build_part(
+        det_cls, det_cfg = build_backend(
             DETECTORS,
             {"name": self.backend, **self.detector_defaults, **config.detector},
             self.backend,
             f"{where}.detector",
         )
-        crop_cls, crop_cfg = _build_part(CROP_FEATURES, config.crop, "appearance", f"{where}.crop")
+        crop_cls, crop_cfg = build_backend(CROP_FEATURES, config.crop, "appearance", f"{where}.crop")
         if config.max_boxes < 1 or not 0 <= config.score_threshold <= 1 or config.n_vectors < 0:
             raise ConfigError(f"{where}: need max_boxes >= 1, 0 <= score_threshold <= 1 and n_vectors >= 0")
         # Defaults are written into the config, so the cache key changes with them.

@@ -196,9 +196,26 @@ def deep_extractor_options(folder: Path) -> dict[str, dict]:
             "max_boxes": 5,
             "detector": {"weights": str(path), "device": "cpu", **size},
         }
+    options["sdf.deep"] = {
+        "fps": 4.0,
+        "saliency": {"model": str(save_saliency_net(folder / "saliency.pt")), "input_size": [80, 64]},
+    }
     options["odf.yolo"] = {
         "fps": 2.0,
         "score_threshold": 0.0,
         "detector": {"model": str(save_yolo(folder / "yolov8n.pt")), "imgsz": 128, "device": "cpu"},
     }
     return options
+
+
+def save_saliency_net(path: Path) -> Path:
+    """A small fully-convolutional saliency net, exported to TorchScript as a user would."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1), nn.AvgPool2d(2)
+    ).eval()
+    torch.jit.trace(net, torch.zeros(1, 3, 64, 80)).save(str(path))
+    return path

@@ -1,0 +1,374 @@
+"""Saliency Detection Features, SDF (METHOD.md §2.4): one extractor, and one stream, per saliency model.
+
+Each frame's saliency map S becomes υ† = [υ′/‖υ′‖₂ ; I/‖I‖₁] (556-d): υ′ is
+the kernel-linearised HOG-like descriptor of Eq. 17 (gradient magnitude
+spread over 12 circular orientation pivots ⊗ 5 x-pivots ⊗ 5 y-pivots) and
+I the 16×16 "intensity gist" of the map. A video's frames are pooled by
+the same multi-moment construction as ODF (n† = 3) and SigmE.
+
+Backends: OpenCV contrib's spectral-residual and fine-grained (static) and
+Bin Wang's motion saliency (temporal) are weight-free; ``sdf.deep`` loads a
+user's TorchScript or ONNX saliency net (e.g. an exported ACLNet or MNL).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+
+from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
+from extractors.encoders import multi_moment_pool, multi_moment_size, power_normalise, rbf_embed
+from extractors.registry import build_backend, register
+from pipelines.config import to_plain
+from pipelines.errors import ConfigError, MissingWeightsError
+from pipelines.registry import Registry
+
+ORIENTATION_PIVOTS, SPATIAL_PIVOTS, GIST = 12, 5, 16
+FRAME_DIM = ORIENTATION_PIVOTS * SPATIAL_PIVOTS**2 + GIST * GIST  # 556
+
+
+# ---------------------------------------------------------------- Eq. 17
+
+
+def eq17(
+    maps: np.ndarray, sigma_orientation: float | None = None, sigma_space: float | None = None
+) -> np.ndarray:
+    """υ′ of Eq. 17 for a batch of maps (n, H, W): (n, 12·5·5), not normalised.
+
+    Gradients use the [−1, 0, 1] filters with replicated borders; θ is taken
+    in [0, 2π) and embedded with 12 pivots that wrap around the circle; x
+    (columns) and y (rows) positions are (j)/(W−1) and (i)/(H−1), each with 5
+    pivots. σ defaults to the pivot spacing (METHOD.md §7.10). The sum over
+    pixels is two tensor contractions, never a Python loop.
+    """
+    maps = np.asarray(maps, np.float64)
+    n, h, w = maps.shape
+    padded = np.pad(maps, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    gx = padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2]
+    gy = padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1]
+    magnitude = np.hypot(gx, gy)
+    theta = np.mod(np.arctan2(gy, gx), 2 * np.pi) / (2 * np.pi)
+    s_o = sigma_orientation or 1.0 / ORIENTATION_PIVOTS
+    s_s = sigma_space or 1.0 / (SPATIAL_PIVOTS - 1)
+    phi_o = rbf_embed(theta, ORIENTATION_PIVOTS, s_o, circular=True) * magnitude[..., None]  # (n,h,w,12)
+    phi_x = rbf_embed(np.arange(w) / max(w - 1, 1), SPATIAL_PIVOTS, s_s)  # (w, 5)
+    phi_y = rbf_embed(np.arange(h) / max(h - 1, 1), SPATIAL_PIVOTS, s_s)  # (h, 5)
+    per_row = np.einsum("nhwa,wb->nhab", phi_o, phi_x, optimize=True)
+    return np.einsum("nhab,hc->nabc", per_row, phi_y, optimize=True).reshape(n, -1)
+
+
+def frame_vectors(maps: np.ndarray, sigma_orientation: float | None = None, sigma_space: float | None = None):
+    """υ† (n, 556): ℓ2-normalised Eq. 17 and the ℓ1-normalised 16×16 gist of each map."""
+    v = eq17(maps, sigma_orientation, sigma_space)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    gist = np.stack(
+        [cv2.resize(m.astype(np.float32), (GIST, GIST), interpolation=cv2.INTER_AREA) for m in maps]
+    )
+    gist = gist.reshape(len(maps), -1).astype(np.float64)
+    gist = gist / np.maximum(np.abs(gist).sum(1, keepdims=True), 1e-12)
+    return np.concatenate([v, gist], 1)
+
+
+# ---------------------------------------------------------------- backends
+
+
+class SaliencyBackend(ABC):
+    """Maps frames to saliency maps in [0, 1] of the frames' size; ``reset`` starts a new video."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def setup(self) -> None:  # noqa: B027  (optional hook)
+        """Loads the model, once per worker."""
+
+    def reset(self, first_frames: np.ndarray) -> None:  # noqa: B027  (optional hook)
+        """Forgets per-video state; temporal models may initialise from the first frames."""
+
+    @abstractmethod
+    def maps(self, frames: np.ndarray) -> np.ndarray:
+        """(n, H, W) float32 in [0, 1] for ``frames`` (n, H, W, 3) uint8 RGB."""
+
+    def provenance(self) -> dict[str, Any]:
+        return {}
+
+
+SALIENCY: Registry[SaliencyBackend] = Registry("saliency backend", entry_point_group="hallucinate.saliency")
+
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    m = m.astype(np.float32)
+    lo, hi = float(m.min()), float(m.max())
+    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class _OpenCVStatic(SaliencyBackend):
+    Config = NoOptions
+    factory: ClassVar[str]
+
+    def setup(self) -> None:
+        self._model = getattr(cv2.saliency, self.factory)()
+
+    def maps(self, frames: np.ndarray) -> np.ndarray:
+        out = []
+        for frame in frames:
+            ok, m = self._model.computeSaliency(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            out.append(_unit(m) if ok else np.zeros(frame.shape[:2], np.float32))
+        return np.stack(out)
+
+
+@SALIENCY.register("spectral_residual")
+class SpectralResidual(_OpenCVStatic):
+    """Hou & Zhang's spectral residual (static, spatial)."""
+
+    factory = "StaticSaliencySpectralResidual_create"
+
+
+@SALIENCY.register("fine_grained")
+class FineGrained(_OpenCVStatic):
+    """Montabone & Soto's fine-grained centre-surround saliency (static, spatial)."""
+
+    factory = "StaticSaliencyFineGrained_create"
+
+
+@dataclass
+class MotionSaliencyConfig:
+    prime_frames: int = 32  # the background is initialised from the median of the first frames
+    prime_repeats: int = 60  # the model needs ~50 frames before it reports anything but "all salient"
+
+
+@SALIENCY.register("motion")
+class MotionSaliency(SaliencyBackend):
+    """Bin Wang & Dudek's motion saliency (temporal): a binary map of what moves.
+
+    The model reports the whole frame as salient until it has learnt a
+    background over about 50 frames, longer than many clips, so each video
+    starts by feeding it the median of its first frames ``prime_repeats``
+    times (0.5 ms each at 160×120).
+    """
+
+    Config = MotionSaliencyConfig
+
+    def reset(self, first_frames: np.ndarray) -> None:
+        h, w = first_frames.shape[1:3]
+        self._model = cv2.saliency.MotionSaliencyBinWangApr2014_create()
+        self._model.setImagesize(w, h)
+        self._model.init()
+        grey = np.stack(
+            [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in first_frames[: self.config.prime_frames]]
+        )
+        median = np.median(grey, axis=0).astype(np.uint8)
+        for _ in range(self.config.prime_repeats):
+            self._model.computeSaliency(median)
+
+    def maps(self, frames: np.ndarray) -> np.ndarray:
+        out = []
+        for frame in frames:
+            ok, m = self._model.computeSaliency(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
+            out.append(m.astype(np.float32) if ok else np.zeros(frame.shape[:2], np.float32))
+        return np.stack(out)
+
+
+@dataclass
+class DeepSaliencyConfig:
+    model: str = ""  # a TorchScript (.pt/.ts) or ONNX (.onnx) file: (B, 3, H, W) -> (B, [1,] h, w)
+    input_size: list[int] = field(default_factory=lambda: [320, 256])  # width, height fed to the net
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    output: str = "sigmoid"  # sigmoid (logits out), none (already in [0, 1]) or minmax
+    batch_size: int = 8
+    device: str = "auto"
+
+
+@SALIENCY.register("deep")
+class DeepSaliency(SaliencyBackend):
+    """A user's exported saliency network; its input size and normalisation come from the config."""
+
+    Config = DeepSaliencyConfig
+
+    def setup(self) -> None:
+        from extractors.detectors import file_sha256, pick_device
+
+        c = self.config
+        what = "deep saliency model"
+        if not c.model or not Path(c.model).is_file():
+            raise MissingWeightsError(
+                what, c.model or "(none given)", "Export your net to TorchScript or ONNX and set model=..."
+            )
+        if c.output not in ("sigmoid", "none", "minmax"):
+            raise ConfigError(f"{what}: output must be sigmoid, none or minmax, not {c.output!r}")
+        self._hash = file_sha256(c.model)
+        if Path(c.model).suffix == ".onnx":
+            try:
+                import onnxruntime
+            except ImportError:
+                raise ConfigError(f"{what}: {c.model} is ONNX; `pip install onnxruntime` to run it") from None
+            self._session = onnxruntime.InferenceSession(
+                c.model, providers=onnxruntime.get_available_providers()
+            )
+            self._run = self._run_onnx
+        else:
+            import torch
+
+            self._torch = torch
+            self._device = pick_device(c.device)
+            self._net = torch.jit.load(c.model, map_location=self._device).eval()
+            self._run = self._run_torch
+
+    def _run_torch(self, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            return self._net(torch.from_numpy(x).to(self._device)).float().cpu().numpy()
+
+    def _run_onnx(self, x: np.ndarray) -> np.ndarray:
+        name = self._session.get_inputs()[0].name
+        return np.asarray(self._session.run(None, {name: x})[0], np.float32)
+
+    def maps(self, frames: np.ndarray) -> np.ndarray:
+        c = self.config
+        h, w = frames.shape[1:3]
+        mean, std = np.array(c.mean, np.float32), np.array(c.std, np.float32)
+        out = []
+        for start in range(0, len(frames), c.batch_size):
+            part = [cv2.resize(f, tuple(c.input_size)) for f in frames[start : start + c.batch_size]]
+            x = ((np.stack(part).astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+            y = self._run(np.ascontiguousarray(x))
+            y = y.reshape(len(part), *y.shape[-2:])
+            if c.output == "sigmoid":
+                y = 1.0 / (1.0 + np.exp(-y))
+            for m in y:
+                m = cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+                out.append(_unit(m) if c.output == "minmax" else np.clip(m, 0.0, 1.0))
+        return np.stack(out)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"weights": self._hash}
+
+
+# ---------------------------------------------------------------- extractors
+
+
+@dataclass
+class SDFConfig:
+    fps: float | None = None  # None: every frame
+    map_size: list[int] = field(default_factory=lambda: [160, 128])  # width, height (ACLNet's 160x128)
+    n_vectors: int = 3  # n†
+    sigma_orientation: float | None = None  # None: the pivot spacing, 1/12
+    sigma_space: float | None = None  # None: the pivot spacing, 1/4
+    power_norm: str = "sigme"
+    power_norm_params: dict[str, float] = field(default_factory=dict)
+    store_maps: int | None = None  # also store the maps at this size (uint8), for inspection
+    saliency: dict[str, Any] = field(default_factory=dict)  # the backend's options
+    chunk: int = 32
+
+
+class SDFExtractor(Extractor):
+    """Base of the SDF extractors; a subclass names its saliency backend."""
+
+    version = "1"
+    Config = SDFConfig
+    backend: ClassVar[str]
+
+    def __init__(self, config: SDFConfig | None = None) -> None:
+        import dataclasses
+
+        config = config if config is not None else SDFConfig()
+        where = f"options.{self.name}"
+        cls, cfg = build_backend(
+            SALIENCY, {"name": self.backend, **config.saliency}, self.backend, f"{where}.saliency"
+        )
+        if len(config.map_size) != 2 or min(config.map_size) < 4:
+            raise ConfigError(f"{where}.map_size must be [width, height], each at least 4")
+        config = dataclasses.replace(config, saliency={"name": cls.name, **to_plain(cfg)})
+        super().__init__(config)
+        self.saliency: SaliencyBackend = cls(cfg)
+
+    def needs(self) -> Needs:
+        w, h = self.config.map_size
+        return Needs(frames=FrameSpec(fps=self.config.fps, size=(w, h)))
+
+    def produces(self) -> dict[str, OutputSpec]:
+        out = {
+            "descriptor": OutputSpec(
+                (multi_moment_size(FRAME_DIM, self.config.n_vectors),),
+                "float32",
+                "multi-moment pooled per-frame Eq. 17 + gist vectors, after power normalisation",
+            ),
+            "per_frame": OutputSpec((None, FRAME_DIM), "float16", "υ† of each frame"),
+        }
+        if self.config.store_maps:
+            s = self.config.store_maps
+            out["maps"] = OutputSpec((None, s, s), "uint8", "saliency maps, downsampled")
+        return out
+
+    def setup(self) -> None:
+        self.saliency.setup()
+
+    def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
+        c = self.config
+        vectors, small = [], []
+        started = False
+        for batch in video.frames(self.needs().frames, chunk=c.chunk):
+            if not started:
+                self.saliency.reset(batch.frames)
+                started = True
+            maps = self.saliency.maps(batch.frames)
+            vectors.append(frame_vectors(maps, c.sigma_orientation, c.sigma_space))
+            if c.store_maps:
+                s = c.store_maps
+                small += [cv2.resize(m, (s, s), interpolation=cv2.INTER_AREA) for m in maps]
+        per_frame = np.concatenate(vectors) if vectors else np.zeros((0, FRAME_DIM))
+        if not len(per_frame):
+            raise ValueError(f"{video.path}: no frames were decoded, so there is no saliency to pool")
+        pooled = multi_moment_pool(per_frame, np.arange(len(per_frame)), c.n_vectors)
+        arrays = {
+            "descriptor": power_normalise(pooled, c.power_norm, **c.power_norm_params).astype(np.float32),
+            "per_frame": per_frame.astype(np.float16),
+        }
+        if c.store_maps:
+            arrays["maps"] = np.round(np.stack(small) * 255).astype(np.uint8)
+        attrs = {"frames": len(per_frame), "saliency": self.saliency.name, **self.saliency.provenance()}
+        return Result(arrays, attrs=attrs)
+
+
+@register("sdf.spectral_residual")
+class SpectralResidualSDF(SDFExtractor):
+    """SDF from spectral-residual saliency (spatial, weight-free; the default set's MNL stand-in)."""
+
+    backend = "spectral_residual"
+    in_default_set = True
+
+
+@register("sdf.fine_grained")
+class FineGrainedSDF(SDFExtractor):
+    """SDF from fine-grained static saliency (spatial, weight-free)."""
+
+    backend = "fine_grained"
+
+
+@register("sdf.motion")
+class MotionSDF(SDFExtractor):
+    """SDF from Bin Wang's motion saliency (temporal, weight-free; the default set's ACLNet stand-in)."""
+
+    backend = "motion"
+    in_default_set = True
+
+
+@register("sdf.deep")
+class DeepSDF(SDFExtractor):
+    """SDF from a user's TorchScript/ONNX saliency net (e.g. an exported ACLNet or MNL)."""
+
+    backend = "deep"
