@@ -70,6 +70,8 @@ bench: install
 	$(BIN)/python -m benchmarks.bench_store
 	$(BIN)/python -m benchmarks.bench_workers
 	$(BIN)/python -m benchmarks.bench_training
+	$(BIN)/python -m benchmarks.bench_detectors
+	$(BIN)/python -m benchmarks.bench_saliency
 
 lint: install
 	$(BIN)/ruff check .
