@@ -111,3 +111,16 @@ def power_normalise(x: np.ndarray, name: str = "sigme", **params: float) -> np.n
     with torch.no_grad():
         out = create_power_norm(name, **params)(torch.from_numpy(np.asarray(x, np.float64)))
     return out.numpy()
+
+
+def check_power_norm(name: str, params: dict[str, float], where: str) -> None:
+    """Fails at configuration time, not on every video, for an unknown PN or parameter."""
+    from hallucinate.power_norm import create_power_norm
+    from pipelines.errors import ConfigError
+
+    try:
+        create_power_norm(name, **params)
+    except TypeError as exc:
+        raise ConfigError(f"{where}.power_norm_params: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.power_norm: {exc}") from None

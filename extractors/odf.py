@@ -29,7 +29,13 @@ import numpy as np
 from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
 from extractors.crops import CROP_FEATURES, CropFeatures, crop_boxes
 from extractors.detectors import DETECTORS, LABEL_RANGES, LABEL_SLOTS, Detector
-from extractors.encoders import multi_moment_pool, multi_moment_size, power_normalise, rbf_embed
+from extractors.encoders import (
+    check_power_norm,
+    multi_moment_pool,
+    multi_moment_size,
+    power_normalise,
+    rbf_embed,
+)
 from extractors.registry import build_backend, register
 from pipelines.config import to_plain
 from pipelines.errors import ConfigError
@@ -107,6 +113,7 @@ class ODFExtractor(Extractor):
         crop_cls, crop_cfg = build_backend(CROP_FEATURES, config.crop, "appearance", f"{where}.crop")
         if config.max_boxes < 1 or not 0 <= config.score_threshold <= 1 or config.n_vectors < 0:
             raise ConfigError(f"{where}: need max_boxes >= 1, 0 <= score_threshold <= 1 and n_vectors >= 0")
+        check_power_norm(config.power_norm, config.power_norm_params, where)
         # Defaults are written into the config, so the cache key changes with them.
         config = dataclasses.replace(
             config,
@@ -267,6 +274,10 @@ class RepoolODF(Extractor):
 
     version = "1"
     Config = RepoolConfig
+
+    def __init__(self, config: RepoolConfig | None = None) -> None:
+        super().__init__(config)
+        check_power_norm(self.config.power_norm, self.config.power_norm_params, f"options.{self.name}")
 
     def needs(self) -> Needs:
         return Needs(inputs=(self.config.source,))

@@ -13,6 +13,7 @@ user's TorchScript or ONNX saliency net (e.g. an exported ACLNet or MNL).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,13 @@ import cv2
 import numpy as np
 
 from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
-from extractors.encoders import multi_moment_pool, multi_moment_size, power_normalise, rbf_embed
+from extractors.encoders import (
+    check_power_norm,
+    multi_moment_pool,
+    multi_moment_size,
+    power_normalise,
+    rbf_embed,
+)
 from extractors.registry import build_backend, register
 from pipelines.config import to_plain
 from pipelines.errors import ConfigError, MissingWeightsError
@@ -37,30 +44,46 @@ FRAME_DIM = ORIENTATION_PIVOTS * SPATIAL_PIVOTS**2 + GIST * GIST  # 556
 
 
 def eq17(
-    maps: np.ndarray, sigma_orientation: float | None = None, sigma_space: float | None = None
+    maps: np.ndarray,
+    sigma_orientation: float | None = None,
+    sigma_space: float | None = None,
+    double: bool = False,
 ) -> np.ndarray:
-    """υ′ of Eq. 17 for a batch of maps (n, H, W): (n, 12·5·5), not normalised.
+    """υ′ of Eq. 17 for a batch of maps (n, H, W): (n, 12·5·5) float64, not normalised.
 
     Gradients use the [−1, 0, 1] filters with replicated borders; θ is taken
     in [0, 2π) and embedded with 12 pivots that wrap around the circle; x
-    (columns) and y (rows) positions are (j)/(W−1) and (i)/(H−1), each with 5
+    (columns) and y (rows) positions are j/(W−1) and i/(H−1), each with 5
     pivots. σ defaults to the pivot spacing (METHOD.md §7.10). The sum over
-    pixels is two tensor contractions, never a Python loop.
+    pixels is a matrix product and a contraction, never a Python loop.
+
+    It runs in torch, in float32 unless ``double``: the per-pixel embedding
+    (n·H·W·12 exponentials) is the cost, and torch's vectorised float32 exp is
+    about 12x faster than numpy's float64 one (6 ms instead of 74 ms for a
+    320×240 map on one core). float32 agrees with float64 to ~1e-5 relative.
     """
-    maps = np.asarray(maps, np.float64)
-    n, h, w = maps.shape
-    padded = np.pad(maps, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    import torch
+    import torch.nn.functional as F
+
+    dtype = torch.float64 if double else torch.float32
+    n, h, w = np.shape(maps)
+    padded = F.pad(torch.as_tensor(np.asarray(maps), dtype=dtype)[:, None], (1, 1, 1, 1), mode="replicate")[
+        :, 0
+    ]
     gx = padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2]
     gy = padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1]
-    magnitude = np.hypot(gx, gy)
-    theta = np.mod(np.arctan2(gy, gx), 2 * np.pi) / (2 * np.pi)
+    magnitude = torch.hypot(gx, gy)
+    theta = torch.remainder(torch.atan2(gy, gx), 2 * math.pi) / (2 * math.pi)
     s_o = sigma_orientation or 1.0 / ORIENTATION_PIVOTS
     s_s = sigma_space or 1.0 / (SPATIAL_PIVOTS - 1)
-    phi_o = rbf_embed(theta, ORIENTATION_PIVOTS, s_o, circular=True) * magnitude[..., None]  # (n,h,w,12)
-    phi_x = rbf_embed(np.arange(w) / max(w - 1, 1), SPATIAL_PIVOTS, s_s)  # (w, 5)
-    phi_y = rbf_embed(np.arange(h) / max(h - 1, 1), SPATIAL_PIVOTS, s_s)  # (h, 5)
-    per_row = np.einsum("nhwa,wb->nhab", phi_o, phi_x, optimize=True)
-    return np.einsum("nhab,hc->nabc", per_row, phi_y, optimize=True).reshape(n, -1)
+    d = theta[..., None] - torch.arange(ORIENTATION_PIVOTS, dtype=dtype) / ORIENTATION_PIVOTS
+    d -= torch.round(d)  # circular distance: |x − ζ| or 1 − |x − ζ|, whichever is smaller
+    phi_o = d.square_().mul_(-1.0 / s_o**2).exp_().mul_(magnitude[..., None])  # (n, h, w, 12)
+    phi_x = torch.from_numpy(rbf_embed(np.arange(w) / max(w - 1, 1), SPATIAL_PIVOTS, s_s)).to(dtype)
+    phi_y = torch.from_numpy(rbf_embed(np.arange(h) / max(h - 1, 1), SPATIAL_PIVOTS, s_s)).to(dtype)
+    per_row = phi_o.transpose(2, 3) @ phi_x  # (n, h, 12, 5)
+    out = torch.einsum("nhab,hc->nabc", per_row, phi_y)
+    return out.reshape(n, -1).double().numpy()
 
 
 def frame_vectors(maps: np.ndarray, sigma_orientation: float | None = None, sigma_space: float | None = None):
@@ -292,6 +315,7 @@ class SDFExtractor(Extractor):
         )
         if len(config.map_size) != 2 or min(config.map_size) < 4:
             raise ConfigError(f"{where}.map_size must be [width, height], each at least 4")
+        check_power_norm(config.power_norm, config.power_norm_params, where)
         config = dataclasses.replace(config, saliency={"name": cls.name, **to_plain(cfg)})
         super().__init__(config)
         self.saliency: SaliencyBackend = cls(cfg)

@@ -182,6 +182,10 @@ def test_missing_weights_and_missing_detectron2_are_clear(tmp_path):
             create_extractor("odf.detectron2").setup()
     with pytest.raises(ConfigError, match="options.odf.motion.detector"):
         create_extractor("odf.motion", detector={"histroy": 3})
+    with pytest.raises(ConfigError, match="options.odf.motion.power_norm.*unknown power normalisation"):
+        create_extractor("odf.motion", power_norm="sigmoid")
+    with pytest.raises(ConfigError, match="power_norm_params"):
+        create_extractor("odf.repool", power_norm_params={"etta": 3.0})
     with pytest.raises(ConfigError, match="crop feature backend"):
         create_extractor("odf.motion", crop={"name": "nope"})
 

@@ -34,10 +34,13 @@ def naive_eq17(s, sigma_o=1 / 12, sigma_s=1 / 4):
 
 def test_eq17_matches_the_per_pixel_formula():
     maps = np.random.default_rng(0).random((2, 9, 13))
-    ours = eq17(maps)
+    ours = eq17(maps, double=True)
     assert ours.shape == (2, 300)
     for k in range(2):
         np.testing.assert_allclose(ours[k], naive_eq17(maps[k]), rtol=1e-6, atol=1e-6)
+    # The default float32 path agrees with float64 on a realistic map size.
+    big = np.random.default_rng(1).random((2, 128, 160))
+    np.testing.assert_allclose(eq17(big), eq17(big, double=True), rtol=1e-4, atol=1e-4 * eq17(big).max())
 
 
 def ramp(angle, h=24, w=32):
