@@ -132,3 +132,37 @@ def test_uncertainty_loss_does_not_backpropagate_through_cenet_input():
         prec = omega @ omega.transpose(-1, -2)  # (B, d, S, S)
         expected = 2 * torch.einsum("bkij,bjk->bik", prec, pred) / pred.shape[0]
     torch.testing.assert_close(pred.grad, expected, rtol=1e-4, atol=1e-5)
+
+
+def _net(dims, d=16):
+    from hallucinate.backbones import create_backbone
+    from hallucinate.model import HallucinationNet, StreamSpec
+
+    torch.manual_seed(0)
+    streams = [StreamSpec(f"s{i}/x", dim) for i, dim in enumerate(dims)]
+    net = HallucinationNet(
+        create_backbone("tiny3d", width=4), streams, 3, 8, 32, create_power_norm("asinhe"), d=d, hidden=8
+    )
+    return net, streams
+
+
+def test_targets_have_the_same_scale_whatever_the_descriptor_size():
+    """A count sketch keeps norms, so without rescaling an 8,000-d target would dwarf a 300-d one."""
+    from hallucinate.model import TARGET_RMS
+
+    net, streams = _net([300, 8000], d=64)
+    gt = {s.name: torch.randn(32, s.dim) * 3 + 1 for s in streams}
+    t = net.target(gt)  # (32, 2, 64)
+    rms = t.pow(2).mean(-1).sqrt()
+    np.testing.assert_allclose(rms.numpy(), TARGET_RMS, rtol=0.25)
+
+
+def test_stream_heads_start_by_predicting_zero():
+    """Zero-initialised last layers: on the demo, randomly initialised heads silenced their
+    noise by killing every hidden ReLU in the first epoch and then output a constant."""
+    net, _ = _net([40, 50])
+    clips = torch.rand(4, 3, 8, 32, 32) * 2 - 1
+    with torch.no_grad():
+        x = net.backbone(clips)
+        assert net.hallucinate(x).abs().max() == 0
+        assert x.std(0).mean() > 0  # the zero comes from the heads, not from a dead input
