@@ -12,7 +12,12 @@ Two optimisers, not one: the hallucination loss (a sum of squares over d
 sketch coordinates per stream) can be two orders of magnitude larger than the
 cross-entropy; sharing Adam's second-moment estimates would then shrink every
 classification update of the shared backbone to nothing. With one optimiser
-per step, each step's update size is independent of its loss scale.
+per step, each step's update size is independent of its loss scale, which is
+also why ``alpha`` sets the hallucination step's learning rate (alpha·lr)
+rather than multiplying its loss. On the demo, alpha = 1 (hallucination
+steps as large as classification steps) lets regression of mostly
+unpredictable targets drown the classification signal in the shared
+backbone.
 
 Checkpoints hold the model (sketches included, they are buffers), the loss
 (CENet), both optimisers and schedulers, the epoch and every RNG state, so a
@@ -116,8 +121,8 @@ class Trainer:
         if self.hal_loss is not None:
             self.hal_loss.to(self.device)
 
-        def adam(params):
-            return torch.optim.Adam(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+        def adam(params, lr=schedule.lr):
+            return torch.optim.Adam(params, lr=lr, weight_decay=schedule.weight_decay)
 
         if schedule.mode not in ("alternating", "joint"):
             raise ValueError(f"unknown schedule mode {schedule.mode!r}; use alternating or joint")
@@ -128,7 +133,9 @@ class Trainer:
             self.optimizers = {"cls": adam(model.parameters())}
             if model.streams:
                 hal_params = list(model.backbone.parameters()) + list(model.heads.parameters())
-                self.optimizers["hal"] = adam(hal_params + loss_params)
+                # Adam's steps do not depend on the loss scale, so alpha weights the
+                # hallucination step through its learning rate instead.
+                self.optimizers["hal"] = adam(hal_params + loss_params, schedule.alpha * schedule.lr)
         self.schedulers = {
             k: torch.optim.lr_scheduler.StepLR(o, schedule.lr_step, schedule.lr_gamma)
             for k, o in self.optimizers.items()
@@ -161,7 +168,7 @@ class Trainer:
         pred = model.hallucinate(x_rgb)
         with torch.no_grad():
             target = model.target(batch["gt"])
-        loss = self.schedule.alpha * self.hal_loss(pred, target, batch["mask"])
+        loss = self.hal_loss(pred, target, batch["mask"])  # alpha is in this step's learning rate
         self.optimizers["hal"].zero_grad(set_to_none=True)
         loss.backward()
         self.optimizers["hal"].step()

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from hallucinate.backbones import BACKBONES, create_backbone
 from hallucinate.data import ClipDataset, ClipSpec, discover_streams
-from hallucinate.model import HallucinationNet, StreamSpec
+from hallucinate.model import TARGET_RMS, HallucinationNet, StreamSpec
 from hallucinate.power_norm import create_power_norm
 from hallucinate.run import export_torchscript, load_model
 from hallucinate.trainer import Schedule, Trainer, build_hallucination_loss, seed_everything, to_device
@@ -27,7 +27,9 @@ def batch(n=4, seed=0):
     }
 
 
-def make(streams=STREAMS, loss="mse", tmp_path=None, hal_updates_backbone=True, mode="alternating"):
+def make(
+    streams=STREAMS, loss="mse", tmp_path=None, hal_updates_backbone=True, mode="alternating", alpha=1.0
+):
     seed_everything(0)
     model = HallucinationNet(
         create_backbone("tiny3d", width=4),
@@ -41,7 +43,7 @@ def make(streams=STREAMS, loss="mse", tmp_path=None, hal_updates_backbone=True, 
         fused_dim=100,
     )
     hal = build_hallucination_loss(loss, len(streams), 16, "grouped", 1.0, 0) if streams else None
-    schedule = Schedule(epochs=2, lr=1e-2, hal_updates_backbone=hal_updates_backbone, mode=mode)
+    schedule = Schedule(epochs=2, lr=1e-2, hal_updates_backbone=hal_updates_backbone, mode=mode, alpha=alpha)
     return Trainer(model, hal, schedule, tmp_path, log=lambda m: None)
 
 
@@ -256,7 +258,9 @@ def test_target_standardises_normalises_then_sketches(tmp_path):
         mean, std = stats[s.name]
         z = (gt[s.name] * 50 + 100 - mean) / std
         z = z / z.norm(dim=-1, keepdim=True)
-        want = m.targets[s.name.replace(".", "__").replace("/", "--")](m.power_norm(z))
+        g = m.power_norm(z)
+        g = g * TARGET_RMS * m.d**0.5 / g.norm(dim=-1, keepdim=True)  # a fixed RMS whatever the size
+        want = m.targets[s.name.replace(".", "__").replace("/", "--")](g)
         torch.testing.assert_close(got[:, i], want)
     # in range of what a power-normalised stream output can reach
     assert got.abs().max() < 3
@@ -281,3 +285,22 @@ def test_multilabel_training_uses_bce_and_reports_map(tmp_path):
     assert set(metrics) == {"map"} and 0 <= metrics["map"] <= 1
     perfect = classification_metrics(b["label"] * 10 - 5, b["label"], multilabel=True)
     assert perfect["map"] == pytest.approx(1.0)
+
+
+def test_alpha_sets_the_hallucination_step_size_in_alternating_mode(tmp_path):
+    """Adam ignores a loss scale, so alpha must act on the learning rate to mean anything."""
+    trainer = make(tmp_path=tmp_path, alpha=0.1)
+    assert trainer.optimizers["cls"].param_groups[0]["lr"] == pytest.approx(1e-2)
+    assert trainer.optimizers["hal"].param_groups[0]["lr"] == pytest.approx(1e-3)
+    batch = {
+        "clip": torch.rand(4, 3, CLIP.frames, CLIP.size, CLIP.size) * 2 - 1,
+        "label": torch.tensor([0, 1, 2, 0]),
+        "mask": torch.ones(4, len(STREAMS), dtype=torch.bool),
+        "gt": {s.name: torch.randn(4, s.dim) for s in STREAMS},
+    }
+    before = {k: v.detach().clone() for k, v in trainer.model.backbone.named_parameters()}
+    for _ in range(3):  # the heads start at zero: the backbone gets gradient from the 2nd step on
+        trainer.hallucination_step(batch)
+    after = dict(trainer.model.backbone.named_parameters())
+    moved = max(float((after[k] - v).abs().max()) for k, v in before.items())
+    assert 0 < moved <= 3.5e-3  # an Adam step moves a weight by at most about its learning rate
