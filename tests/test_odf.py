@@ -190,18 +190,27 @@ def test_missing_weights_and_missing_detectron2_are_clear(tmp_path):
         create_extractor("odf.motion", crop={"name": "nope"})
 
 
-def test_crop_classifier_backends_give_probabilities(tmp_path):
+@pytest.mark.parametrize("backend", ["torchvision", "timm"])
+def test_crop_classifier_backends_give_probabilities(backend, tmp_path):
+    """Each classifier backend, built small and random, saved, and loaded back via ``weights=``."""
+    import timm
     import torch
     from torchvision.models import get_model
 
     from extractors.crops import CROP_FEATURES
 
     torch.manual_seed(0)
-    path = tmp_path / "mnv3.pth"
-    torch.save(get_model("mobilenet_v3_small", weights=None).state_dict(), path)
-    cls = CROP_FEATURES.get("torchvision")
-    clf = cls(cls.Config(model="mobilenet_v3_small", weights=str(path), device="cpu", size=64))
+    path = tmp_path / f"{backend}.pth"
+    cls = CROP_FEATURES.get(backend)
+    if backend == "torchvision":
+        torch.save(get_model("mobilenet_v3_small", weights=None).state_dict(), path)
+        config = cls.Config(model="mobilenet_v3_small", weights=str(path), device="cpu", size=64)
+    else:
+        torch.save(timm.create_model("resnet10t", pretrained=False).state_dict(), path)
+        config = cls.Config(model="resnet10t", weights=str(path), device="cpu")
+    clf = cls(config)
     clf.setup()
+    assert clf.provenance()["crop_weights"] != "random"
     crops = [np.full((h, 20, 3), 100, np.uint8) for h in (10, 30, 50)]
     probs = clf(crops)
     assert probs.shape == (3, 1000)

@@ -75,25 +75,38 @@ def blob_clip(n=12, h=96, w=128):
 
 
 def brightness_net(path):
-    """A 'saliency net' that is the mean brightness: the deep backend's plumbing, checked exactly."""
+    """A 'saliency net' that is the mean brightness: the deep backend's plumbing, checked exactly.
+
+    Exported as a user would: TorchScript for ``.pt``, ONNX for ``.onnx``.
+    """
     import torch
     from torch import nn
 
-    net = nn.Conv2d(3, 1, 1, bias=False)
+    net = nn.Conv2d(3, 1, 1, bias=False).eval()
     with torch.no_grad():
         net.weight.fill_(1 / 3)
-    torch.jit.trace(net.eval(), torch.zeros(1, 3, 48, 64)).save(str(path))
+    example = torch.zeros(1, 3, 48, 64)
+    if path.suffix == ".onnx":
+        torch.onnx.export(
+            net, example, str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}}
+        )
+    else:
+        torch.jit.trace(net, example).save(str(path))
     return path
 
 
-@pytest.mark.parametrize("backend", SALIENCY.names())
+BACKENDS = [b for b in SALIENCY.names() if b != "deep"] + ["deep:.pt", "deep:.onnx"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_every_backend_puts_its_peak_on_the_blob(backend, tmp_path):
     frames, (top, bottom, left, right) = blob_clip()
+    backend, _, suffix = backend.partition(":")
     cls = SALIENCY.get(backend)
     options = {}
     if backend == "deep":
         options = {
-            "model": str(brightness_net(tmp_path / "b.pt")),
+            "model": str(brightness_net(tmp_path / f"b{suffix}")),
             "input_size": [64, 48],
             "output": "minmax",
         }
