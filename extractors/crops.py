@@ -18,7 +18,7 @@ import numpy as np
 
 from pipelines.errors import ConfigError
 from pipelines.registry import Registry
-from pipelines.weights import looks_like_file, read_state_dict, torchvision_state
+from pipelines.weights import file_sha256, load_torchvision_weights, read_state_dict
 
 
 def crop_boxes(frame: np.ndarray, boxes: np.ndarray, min_px: int = 2) -> list[np.ndarray]:
@@ -161,9 +161,7 @@ class TorchvisionClassifier(_Classifier):
     Config = TorchvisionClassifierConfig
 
     def _build(self):
-        from torchvision.models import get_model, get_model_weights
-
-        from extractors.detectors import file_sha256
+        from torchvision.models import get_model
 
         c = self.config
         what = f"crop classifier {c.model}"
@@ -171,15 +169,7 @@ class TorchvisionClassifier(_Classifier):
             model = get_model(c.model, weights=None, num_classes=c.num_classes)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{what}: {exc}") from None
-        self._hash = "random"
-        if c.weights:
-            if looks_like_file(c.weights):
-                model.load_state_dict(read_state_dict(c.weights, what))
-                self._hash = file_sha256(c.weights)
-            else:
-                enum = get_model_weights(c.model).__name__
-                model.load_state_dict(torchvision_state(f"{enum}.{c.weights}", what))
-                self._hash = c.weights
+        self._hash = load_torchvision_weights(model, c.model, c.weights, what)
         return model, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), c.size)
 
 
@@ -204,7 +194,6 @@ class TimmClassifier(_Classifier):
         import timm
         from timm.data import resolve_data_config
 
-        from extractors.detectors import file_sha256
         from pipelines.errors import MissingWeightsError
 
         c = self.config

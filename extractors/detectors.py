@@ -16,7 +16,6 @@ and ``detectron2`` (when importable). Deep frameworks are imported in
 
 from __future__ import annotations
 
-import hashlib
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import numpy as np
 
 from pipelines.errors import ConfigError, MissingWeightsError
 from pipelines.registry import Registry
-from pipelines.weights import looks_like_file, read_state_dict, torchvision_state
+from pipelines.weights import file_sha256, load_torchvision_weights
 
 # The shared label space: name -> [first slot, end slot). COCO keeps its
 # sparse 1..90 ids as slots (slot 0 stays empty, METHOD.md §7.9).
@@ -111,15 +110,6 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def file_sha256(path: str | Path, limit: int | None = None) -> str:
-    """sha256 of a weights file, stored with the results so a changed checkpoint is visible."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16] if limit is None else digest.hexdigest()[:limit]
 
 
 # ---------------------------------------------------------------- weight-free
@@ -268,7 +258,7 @@ class TorchvisionDetector(Detector):
 
     def setup(self) -> None:
         import torch
-        from torchvision.models import get_model, get_model_weights
+        from torchvision.models import get_model
 
         c = self.config
         kwargs = {k: v for k, v in (("min_size", c.min_size), ("max_size", c.max_size)) if v is not None}
@@ -277,18 +267,7 @@ class TorchvisionDetector(Detector):
             model = get_model(c.model, weights=None, weights_backbone=None, num_classes=91, **kwargs)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{what}: {exc}") from None
-        self._weights_hash = "random"
-        if c.weights:
-            if looks_like_file(c.weights):
-                state = read_state_dict(c.weights, what)
-                self._weights_hash = file_sha256(c.weights)
-            else:
-                state = torchvision_state(f"{get_model_weights(c.model).__name__}.{c.weights}", what)
-                self._weights_hash = c.weights
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ConfigError(f"{what}: the weights do not fit the model: {str(exc)[:300]}") from None
+        self._weights_hash = load_torchvision_weights(model, c.model, c.weights, what)
         self._device = pick_device(c.device)
         self._model = model.eval().to(self._device)
         self._torch = torch

@@ -223,7 +223,8 @@ class DeepSaliency(SaliencyBackend):
     Config = DeepSaliencyConfig
 
     def setup(self) -> None:
-        from extractors.detectors import file_sha256, pick_device
+        from extractors.detectors import pick_device
+        from pipelines.weights import file_sha256
 
         c = self.config
         what = "deep saliency model"

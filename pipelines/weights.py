@@ -8,6 +8,7 @@ stays light to import.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,33 @@ def torchvision_state(enum_name: str, what: str) -> dict[str, Any]:
             f"It could not be downloaded ({exc}). Copy {Path(weights.url).name} "
             f"into {cache.parent}, or pass weights=/path/to/the/file.pth.",
         ) from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """Short sha256 of a weights file, stored with results so a changed checkpoint is visible."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def load_torchvision_weights(model: Any, model_name: str, weights: str | None, what: str) -> str:
+    """Loads ``weights`` into a torchvision ``model``: a file, a member of the
+    model's weights enum (``DEFAULT``, ``COCO_V1``) from torchvision's cache,
+    or nothing (``None``: random, for tests). Returns what to record as the
+    weights' identity: the file's hash, the enum name, or ``"random"``."""
+    if not weights:
+        return "random"
+    from torchvision.models import get_model_weights
+
+    if looks_like_file(weights):
+        state, identity = read_state_dict(weights, what), file_sha256(weights)
+    else:
+        state = torchvision_state(f"{get_model_weights(model_name).__name__}.{weights}", what)
+        identity = weights
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(f"{what}: the weights do not fit the model: {str(exc)[:300]}") from None
+    return identity
