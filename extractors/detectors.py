@@ -176,7 +176,7 @@ class MotionDetector(Detector):
         mask = self._model.apply(frame, learningRate=1.0 / self.config.history)
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, self._open)
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, self._close)
-        count, _, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8), connectivity=8)
+        _, _, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8), connectivity=8)
         stats = stats[1:]  # 0 is the background
         stats = stats[stats[:, cv2.CC_STAT_AREA] >= self.config.min_area * h * w]
         if not len(stats):

@@ -13,6 +13,7 @@ user's TorchScript or ONNX saliency net (e.g. an exported ACLNet or MNL).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -307,8 +308,6 @@ class SDFExtractor(Extractor):
     backend: ClassVar[str]
 
     def __init__(self, config: SDFConfig | None = None) -> None:
-        import dataclasses
-
         config = config if config is not None else SDFConfig()
         where = f"options.{self.name}"
         cls, cfg = build_backend(
