@@ -144,13 +144,47 @@ class InferenceModel(torch.nn.Module):
 
 def export_torchscript(model: HallucinationNet, clip: ClipSpec, path: Path) -> Path:
     """Traces the RGB-only inference model and checks it against eager mode."""
-    wrapper = InferenceModel(model.eval())
+    wrapper = InferenceModel(model).eval()
     example = torch.rand(2, 3, clip.frames, clip.size, clip.size) * 2 - 1
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, example)
         torch.testing.assert_close(traced(example), wrapper(example), rtol=1e-4, atol=1e-5)
     traced.save(str(path))
     return path
+
+
+def export_onnx(model: HallucinationNet, clip: ClipSpec, path: Path) -> Path:
+    """Exports the RGB-only inference model to ONNX (batch axis dynamic) and checks
+    onnxruntime's logits against eager mode, so a deployment never gets a model that
+    silently disagrees with the one that was evaluated."""
+    import onnxruntime
+
+    # ONNX has had Asinh (AsinhE's op) since opset 9; the TorchScript-based
+    # exporter just lacks the mapping.
+    torch.onnx.register_custom_op_symbolic("aten::asinh", lambda g, x: g.op("Asinh", x), 9)
+    # The wrapper itself in eval mode: the exporter restores the wrapper's mode
+    # afterwards, recursively, which would put a train-mode wrapper's model
+    # (BatchNorm) into training mode for the check below.
+    wrapper = InferenceModel(model).eval()
+    example = torch.rand(2, 3, clip.frames, clip.size, clip.size) * 2 - 1
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(path),
+            dynamo=False,  # the TorchScript-based exporter: no onnxscript dependency
+            input_names=["clip"],
+            output_names=["logits"],
+            dynamic_axes={"clip": {0: "batch"}, "logits": {0: "batch"}},
+        )
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        check = torch.rand(3, 3, clip.frames, clip.size, clip.size) * 2 - 1
+        got = torch.from_numpy(session.run(None, {"clip": check.numpy()})[0])
+        torch.testing.assert_close(got, wrapper(check), rtol=1e-3, atol=1e-4)
+    return path
+
+
+EXPORTERS = {"torchscript": (export_torchscript, "inference.pt"), "onnx": (export_onnx, "inference.onnx")}
 
 
 @torch.no_grad()

@@ -23,8 +23,11 @@ class CountSketch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_in) -> (..., d_out)."""
-        out = x.new_zeros(*x.shape[:-1], self.d_out)
-        return out.index_add(-1, self.hash, x * self.sign.to(x.dtype))
+        # zeros_like(...) + a d_out row and expand_as keep the batch axis symbolic
+        # when traced (new_zeros(*x.shape) and index_add froze the example's batch
+        # size into the exported ONNX model).
+        out = torch.zeros_like(x[..., :1]) + x.new_zeros(self.d_out)
+        return out.scatter_add(-1, self.hash.expand_as(x), x * self.sign.to(x.dtype))
 
     def matrix(self) -> torch.Tensor:
         """The dense d_out x d_in matrix P, for tests and inspection."""

@@ -113,7 +113,8 @@ class TrainConfig:
     workers: int = 0  # DataLoader workers
     preload: bool = True  # decode every video once into memory (small datasets)
     resume: bool = True
-    export: bool = True  # TorchScript export of the RGB-only inference model
+    export: bool = True  # export the RGB-only inference model after training
+    export_formats: list[str] = field(default_factory=lambda: ["torchscript"])  # torchscript, onnx
     progress: bool = True
 
 
@@ -344,9 +345,12 @@ def cmd_train(cfg: TrainConfig) -> int:
     import json
 
     from hallucinate.data import ClipSpec, discover_streams
-    from hallucinate.run import ModelOptions, export_torchscript, train_model
+    from hallucinate.run import EXPORTERS, ModelOptions, train_model
     from hallucinate.trainer import Schedule
 
+    unknown = [f for f in cfg.export_formats if f not in EXPORTERS]
+    if unknown:
+        raise ConfigError(f"export_formats: unknown {unknown}; use {', '.join(EXPORTERS)}")
     dataset = _load_dataset(cfg)
     store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
     wanted = None if cfg.streams == ["auto"] else cfg.streams
@@ -417,10 +421,13 @@ def cmd_train(cfg: TrainConfig) -> int:
             log=lambda m: print(m, file=sys.stderr),
         )
         if cfg.export and name == "model":
-            from hallucinate.run import load_model
+            from hallucinate.run import EXPORTERS, load_model
 
-            path = export_torchscript(load_model(run / name), clip, run / name / "inference.pt")
-            print(f"exported the RGB-only inference model to {path}", file=sys.stderr)
+            model = load_model(run / name)
+            for fmt in cfg.export_formats:
+                export, filename = EXPORTERS[fmt]
+                path = export(model, clip, run / name / filename)
+                print(f"exported the RGB-only inference model to {path}", file=sys.stderr)
     return 0
 
 

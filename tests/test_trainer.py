@@ -9,7 +9,7 @@ from hallucinate.backbones import BACKBONES, create_backbone
 from hallucinate.data import ClipDataset, ClipSpec, discover_streams
 from hallucinate.model import TARGET_RMS, HallucinationNet, StreamSpec
 from hallucinate.power_norm import create_power_norm
-from hallucinate.run import export_torchscript, load_model
+from hallucinate.run import export_onnx, export_torchscript, load_model
 from hallucinate.trainer import Schedule, Trainer, build_hallucination_loss, seed_everything, to_device
 from pipelines.errors import DatasetError, MissingWeightsError
 
@@ -179,6 +179,15 @@ def test_export_gives_the_same_logits(tmp_path):
     clip = batch()["clip"]
     with torch.no_grad():
         torch.testing.assert_close(traced(clip), model(clip), rtol=1e-4, atol=1e-5)
+    # ONNX, run by onnxruntime as a deployment would, with another batch size.
+    import onnxruntime
+
+    path = export_onnx(model, CLIP, tmp_path / "inference.onnx")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    clip = torch.cat([clip, clip[:1]])
+    logits = torch.from_numpy(session.run(None, {"clip": clip.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(clip), rtol=1e-3, atol=1e-4)
 
 
 FAST = ["tiny3d", "r3d_18", "mc3_18", "r2plus1d_18", "s3d"]
