@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, MissingWeightsError
 from pipelines.registry import Registry
 from pipelines.weights import looks_like_file, read_state_dict, torchvision_state
 
@@ -98,6 +98,49 @@ class Tiny3D(Backbone):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # Max over space: small objects on large textured backgrounds vanish in a mean.
         return self.body(x).amax((3, 4))
+
+
+@BACKBONES.register("tsn")
+class TSN(Backbone):
+    """A timm 2-D ImageNet model on every frame, pooled over space (TSN style): X_rgb (B, C, T).
+
+    ``weights`` is a checkpoint file, ``"pretrained"`` (timm's default weights
+    through the Hugging Face cache; internet once) or ``None`` (random). The
+    normalisation is the model's own timm data config. ``segments`` averages
+    the T frame features into that many temporal segments.
+    """
+
+    def __init__(
+        self, model: str = "resnet50", weights: str | None = None, segments: int | None = None
+    ) -> None:
+        super().__init__()
+        import timm
+        from timm.data import resolve_data_config
+
+        what = f"tsn backbone timm/{model}"
+        pretrained = weights == "pretrained"
+        try:
+            self.model = timm.create_model(model, pretrained=pretrained, num_classes=0)  # pooled features
+        except RuntimeError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
+        except OSError as exc:
+            raise MissingWeightsError(
+                what, "the Hugging Face cache", f"Download failed ({exc}); pass weights=/path/to/checkpoint."
+            ) from None
+        if weights and not pretrained:
+            load_trunk_weights(self.model, read_state_dict(weights, what), what)
+        data = resolve_data_config({}, model=self.model)
+        self._set_normalisation(tuple(data["mean"]), tuple(data["std"]))
+        self.out_channels = self.model.num_features
+        self.segments = segments
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        per_frame = self.model(x.transpose(1, 2).reshape(b * t, c, h, w))  # (B·T, C)
+        out = per_frame.view(b, t, -1).transpose(1, 2)  # (B, C, T)
+        if self.segments:
+            out = nn.functional.adaptive_avg_pool1d(out, self.segments)
+        return out
 
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)

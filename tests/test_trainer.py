@@ -190,13 +190,14 @@ def test_export_gives_the_same_logits(tmp_path):
         torch.testing.assert_close(logits, model(clip), rtol=1e-3, atol=1e-4)
 
 
-FAST = ["tiny3d", "r3d_18", "mc3_18", "r2plus1d_18", "s3d"]
+FAST = ["tiny3d", "r3d_18", "mc3_18", "r2plus1d_18", "s3d", "tsn"]
+SMALL = {"tsn": {"model": "resnet10t"}}  # the architecture of a backbone family, kept small
 
 
 @pytest.mark.parametrize("name", FAST)
 def test_backbone_runs_and_loads_its_own_checkpoint(name, tmp_path):
     torch.manual_seed(0)
-    net = create_backbone(name)
+    net = create_backbone(name, **SMALL.get(name, {}))
     clip = torch.rand(1, 3, 8, 64, 64) * 2 - 1
     net.eval()
     with torch.no_grad():
@@ -206,7 +207,7 @@ def test_backbone_runs_and_loads_its_own_checkpoint(name, tmp_path):
     state = {**inner.state_dict(), "fc.weight": torch.zeros(1)}  # a classifier is ignored
     torch.save({"state_dict": state}, tmp_path / "w.pth")
     torch.manual_seed(1)
-    again = create_backbone(name, weights=str(tmp_path / "w.pth")).eval()
+    again = create_backbone(name, weights=str(tmp_path / "w.pth"), **SMALL.get(name, {})).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(clip), out)
 
