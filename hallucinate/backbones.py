@@ -10,6 +10,8 @@ the same path a user's checkpoint takes.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -141,6 +143,51 @@ class TSN(Backbone):
         if self.segments:
             out = nn.functional.adaptive_avg_pool1d(out, self.segments)
         return out
+
+
+@BACKBONES.register("videomae")
+class VideoMAE(Backbone):
+    """VideoMAE (V1/V2 architecture) through ``transformers``, from a checkpoint folder.
+
+    ``weights`` is a folder written by ``save_pretrained`` (``config.json`` plus
+    ``model.safetensors``), e.g. a fine-tuned Kinetics checkpoint downloaded
+    once. Clips are resampled to the model's frame count and image size;
+    X_rgb is the patch tokens averaged over space, one column per tubelet
+    slot: (B, C, num_frames / tubelet_size).
+    """
+
+    def __init__(self, weights: str | None = None) -> None:
+        super().__init__()
+        if not weights:
+            raise ConfigError("videomae backbone: set backbone_options.weights=/path/to/checkpoint-folder")
+        folder = Path(weights)
+        if not (folder / "config.json").is_file():
+            raise MissingWeightsError(
+                "videomae backbone",
+                folder / "config.json",
+                "Download the checkpoint folder (config.json + model.safetensors) there, "
+                "e.g. with huggingface-cli download MCG-NJU/videomae-base-finetuned-kinetics.",
+            )
+        from transformers import VideoMAEModel
+
+        self.model = VideoMAEModel.from_pretrained(str(folder), local_files_only=True)
+        cfg = self.model.config
+        self.frames, self.size, self.tubelet = cfg.num_frames, cfg.image_size, cfg.tubelet_size
+        processor = folder / "preprocessor_config.json"
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # VideoMAE's image processor
+        if processor.is_file():
+            meta = json.loads(processor.read_text())
+            mean, std = tuple(meta.get("image_mean", mean)), tuple(meta.get("image_std", std))
+        self._set_normalisation(mean, std)
+        self.out_channels = cfg.hidden_size
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2:] != (self.frames, self.size, self.size):
+            x = nn.functional.interpolate(x, size=(self.frames, self.size, self.size), mode="trilinear")
+        tokens = self.model(pixel_values=x.transpose(1, 2)).last_hidden_state  # (B, T'·S, C)
+        b, n, c = tokens.shape
+        slots = self.frames // self.tubelet
+        return tokens.view(b, slots, n // slots, c).mean(2).transpose(1, 2)  # (B, C, T′)
 
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)

@@ -212,6 +212,27 @@ def test_backbone_runs_and_loads_its_own_checkpoint(name, tmp_path):
         torch.testing.assert_close(again(clip), out)
 
 
+def test_videomae_loads_a_saved_checkpoint_folder(tmp_path):
+    """A tiny VideoMAE built from its config, saved with save_pretrained, loaded by folder."""
+    from transformers import VideoMAEConfig, VideoMAEModel
+
+    torch.manual_seed(0)
+    config = VideoMAEConfig(
+        image_size=32, patch_size=16, num_frames=8, tubelet_size=2, hidden_size=32,
+        num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+    )  # fmt: skip
+    VideoMAEModel(config).save_pretrained(tmp_path / "vmae")
+    net = create_backbone("videomae", weights=str(tmp_path / "vmae")).eval()
+    clip = torch.rand(2, 3, 16, 40, 40) * 2 - 1  # resampled to 8 x 32 x 32
+    with torch.no_grad():
+        out = net(clip)
+        again = create_backbone("videomae", weights=str(tmp_path / "vmae")).eval()(clip)
+    assert out.shape == (2, 32, 4) and net.out_channels == 32
+    torch.testing.assert_close(out, again)
+    with pytest.raises(MissingWeightsError, match="config.json"):
+        create_backbone("videomae", weights=str(tmp_path / "nothing"))
+
+
 def test_every_registered_backbone_is_constructible():
     assert set(FAST) | {"mvit_v2_s", "swin3d_t"} <= set(BACKBONES.names())
     assert create_backbone("swin3d_t").out_channels == 768
