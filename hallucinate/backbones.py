@@ -57,6 +57,10 @@ class Backbone(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def example_input(self, batch: int, frames: int, size: int) -> torch.Tensor:
+        """A random input of the shape ``forward`` takes, for tracing and export."""
+        return torch.rand(batch, 3, frames, size, size) * 2 - 1
+
     def output_shape(self, frames: int, size: int) -> tuple[int, int]:
         """(C, T′) for clips of ``frames`` x ``size`` x ``size``, by a dry run."""
         with torch.no_grad():
@@ -100,6 +104,29 @@ class Tiny3D(Backbone):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # Max over space: small objects on large textured backgrounds vanish in a mean.
         return self.body(x).amax((3, 4))
+
+
+@BACKBONES.register("precomputed")
+class Precomputed(Backbone):
+    """X_rgb read from the shards (``rgb.features``): the frozen-backbone mode.
+
+    The input *is* X_rgb (B, C, T′), so the streams, HAF and PredNet train
+    without decoding video or running the backbone; the exported model then
+    takes X_rgb too, and deployment runs the frozen backbone in front of it.
+    """
+
+    def __init__(self, channels: int, frames: int) -> None:
+        super().__init__()
+        self.out_channels, self.frames = channels, frames
+
+    def forward(self, x_rgb: torch.Tensor) -> torch.Tensor:
+        return x_rgb
+
+    def example_input(self, batch: int, frames: int, size: int) -> torch.Tensor:
+        return torch.rand(batch, self.out_channels, self.frames)
+
+    def output_shape(self, frames: int, size: int) -> tuple[int, int]:
+        return self.out_channels, self.frames
 
 
 @BACKBONES.register("tsn")

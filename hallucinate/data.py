@@ -31,6 +31,9 @@ class ClipSpec:
     size: int = 64  # crop size S
     short_side: int = 72  # frames are resized to this before cropping
     fps: float | None = None  # None: the video's own rate
+    # Frozen-backbone mode: read X_rgb (clips, C, T′) stored as this descriptor
+    # (e.g. "rgb.features/x_rgb") instead of decoding video.
+    features: str | None = None
 
 
 def discover_streams(
@@ -101,11 +104,14 @@ class ClipDataset(Dataset):
     ) -> None:
         self.records, self.num_classes, self.spec = list(records), num_classes, spec
         self.train, self.multilabel, self.streams = train, multilabel, list(streams)
-        self.reader = ShardReader(store) if store is not None and self.streams else None
+        wants_store = self.streams or spec.features
+        self.reader = ShardReader(store) if store is not None and wants_store else None
+        if spec.features and self.reader is None:
+            raise DatasetError(f"frozen-backbone mode reads {spec.features} from a feature store; none given")
         self.rng = np.random.default_rng(seed)
         self.frame_spec = FrameSpec(fps=spec.fps, short_side=spec.short_side)
         self.frames: list[np.ndarray] | None = None
-        if preload:
+        if preload and not spec.features:
             self.frames = [self._decode(r) for r in tqdm(self.records, desc="decode", unit="video")]
 
     def _decode(self, record: VideoRecord) -> np.ndarray:
@@ -167,6 +173,12 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
-        frames = self.frames[i] if self.frames is not None else self._decode(record)
         gt, mask = self.ground_truth(record)
-        return {"clip": self._clip(frames), "label": self.label(record), "gt": gt, "mask": mask, "index": i}
+        if self.spec.features:  # X_rgb of a frozen backbone: one stored clip, random when training
+            x_rgb = self.reader.get(record.video_id, self.spec.features)
+            k = self.rng.integers(len(x_rgb)) if self.train else len(x_rgb) // 2
+            clip = torch.from_numpy(np.ascontiguousarray(x_rgb[k], dtype=np.float32))
+        else:
+            frames = self.frames[i] if self.frames is not None else self._decode(record)
+            clip = self._clip(frames)
+        return {"clip": clip, "label": self.label(record), "gt": gt, "mask": mask, "index": i}

@@ -145,7 +145,7 @@ class InferenceModel(torch.nn.Module):
 def export_torchscript(model: HallucinationNet, clip: ClipSpec, path: Path) -> Path:
     """Traces the RGB-only inference model and checks it against eager mode."""
     wrapper = InferenceModel(model).eval()
-    example = torch.rand(2, 3, clip.frames, clip.size, clip.size) * 2 - 1
+    example = model.backbone.example_input(2, clip.frames, clip.size)
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, example)
         torch.testing.assert_close(traced(example), wrapper(example), rtol=1e-4, atol=1e-5)
@@ -166,7 +166,7 @@ def export_onnx(model: HallucinationNet, clip: ClipSpec, path: Path) -> Path:
     # afterwards, recursively, which would put a train-mode wrapper's model
     # (BatchNorm) into training mode for the check below.
     wrapper = InferenceModel(model).eval()
-    example = torch.rand(2, 3, clip.frames, clip.size, clip.size) * 2 - 1
+    example = model.backbone.example_input(2, clip.frames, clip.size)
     with torch.no_grad():
         torch.onnx.export(
             wrapper,
@@ -178,7 +178,7 @@ def export_onnx(model: HallucinationNet, clip: ClipSpec, path: Path) -> Path:
             dynamic_axes={"clip": {0: "batch"}, "logits": {0: "batch"}},
         )
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        check = torch.rand(3, 3, clip.frames, clip.size, clip.size) * 2 - 1
+        check = model.backbone.example_input(3, clip.frames, clip.size)
         got = torch.from_numpy(session.run(None, {"clip": check.numpy()})[0])
         torch.testing.assert_close(got, wrapper(check), rtol=1e-3, atol=1e-4)
     return path

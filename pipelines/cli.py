@@ -87,6 +87,9 @@ class TrainConfig:
     baseline: bool = True  # also train the RGB-only baseline, same backbone and budget
     backbone: str = "tiny3d"
     backbone_options: dict[str, Any] = field(default_factory=dict)
+    # Frozen-backbone mode: train on X_rgb stored by the rgb.features extractor
+    # (rgb_features=rgb.features/x_rgb) instead of decoding video; backbone is then ignored.
+    rgb_features: str | None = None
     frames: int = 16
     size: int = 72
     short_side: int = 72
@@ -341,6 +344,23 @@ def _splits(dataset, store: Path, streams, clip, preload: bool, seed: int):
     return Splits(make(parts["train"], True), make(parts["val"], False), make(parts["test"], False))
 
 
+def _stored_x_rgb_shape(store: Path, dataset, name: str) -> dict[str, int]:
+    """(channels, frames) of the X_rgb stored as ``name``, from the first training video that has it."""
+    from pipelines.store import ShardReader
+
+    reader = ShardReader(store)
+    for record in dataset.split("train"):
+        try:
+            _, channels, frames = reader.get(record.video_id, name).shape
+        except KeyError:
+            continue
+        return {"channels": channels, "frames": frames}
+    raise HallucinateError(
+        f"{store}: no training video has {name}; run `hallucinate extract extractors=rgb.features "
+        "options.rgb.features.backbone=...` first"
+    )
+
+
 def cmd_train(cfg: TrainConfig) -> int:
     import json
 
@@ -364,10 +384,13 @@ def cmd_train(cfg: TrainConfig) -> int:
             f"warning: no descriptors in {store}; training RGB-only. Run `make extract` first.",
             file=sys.stderr,
         )
-    clip = ClipSpec(cfg.frames, cfg.size, cfg.short_side, cfg.fps)
+    clip = ClipSpec(cfg.frames, cfg.size, cfg.short_side, cfg.fps, cfg.rgb_features)
+    backbone, backbone_options = cfg.backbone, dict(cfg.backbone_options)
+    if cfg.rgb_features:
+        backbone, backbone_options = "precomputed", _stored_x_rgb_shape(store, dataset, cfg.rgb_features)
     options = ModelOptions(
-        cfg.backbone,
-        dict(cfg.backbone_options),
+        backbone,
+        backbone_options,
         cfg.d,
         cfg.copies,
         cfg.hidden,

@@ -142,3 +142,36 @@ def test_train_and_evaluate_end_to_end(tiny_demo_root, tmp_path, capsys):
     report = json.loads((run / "evaluation.json").read_text())
     assert set(report["protocols"]) == {"rgb_only", "hallucinated", "oracle"}
     assert (run / "curves.png").is_file() and (run / "quality.png").is_file()
+
+
+def test_frozen_backbone_mode_trains_on_stored_x_rgb(tiny_demo_root, tmp_path, capsys):
+    """rgb.features stores X_rgb once; training and evaluation then never decode video."""
+    import torch
+
+    from hallucinate.run import load_model
+    from pipelines.store import ShardReader
+
+    store, run = tmp_path / "store", tmp_path / "run"
+    common = [f"data_root={tiny_demo_root}", f"features={store}", f"run={run}"]
+    rgb = "options.rgb.features"
+    extract = ["extract", f"data_root={tiny_demo_root}", f"out={store}", "workers=0", "progress=false"]
+    extract += ["extractors=audio.logmel,rgb.features", f"{rgb}.frames=8", f"{rgb}.size=32"]
+    extract += [f"{rgb}.short_side=36", f"{rgb}.clips=2", f"{rgb}.backbone_options.width=4"]
+    assert main(extract) == 0
+    reader = ShardReader(store)
+    assert reader.get(reader.video_ids[0], "rgb.features/x_rgb").shape == (2, 32, 2)  # clips, C, T′
+
+    train = ["train", *common, "rgb_features=rgb.features/x_rgb", "epochs=2", "batch_size=8"]
+    train += ["hidden=32", "d=16", "progress=false", "preload=false", "export_formats=torchscript,onnx"]
+    assert main(train) == 0
+    model = load_model(run / "model")
+    assert model.backbone.__class__.__name__ == "Precomputed" and model.backbone.out_channels == 32
+    traced = torch.jit.load(str(run / "model" / "inference.pt"))
+    x_rgb = torch.rand(3, 32, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x_rgb), model.eval()(x_rgb), rtol=1e-4, atol=1e-5)
+    assert (run / "model" / "inference.onnx").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", *common]) == 0
+    assert "hallucinated" in capsys.readouterr().out
+    assert main(["train", *common, "rgb_features=nope/x", "run=" + str(tmp_path / "r2")]) == 2
