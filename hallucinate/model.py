@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from hallucinate.backbones import Backbone
-from hallucinate.sketch import CountSketch, MultiSketch
+from hallucinate.fusion import FUSIONS
+from hallucinate.sketch import MultiSketch
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class HallucinationNet(nn.Module):
         fused_dim: int | None = 2000,
         head: str = "fc",
         seed: int = 0,
+        fusion: str = "concat",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -95,7 +97,8 @@ class HallucinationNet(nn.Module):
         self.heads = nn.ModuleDict(
             {_key(s.name): StreamHead(channels, t_out, d * copies, hidden, head) for s in streams}
         )
-        self.haf = StreamHead(channels, t_out, d, hidden, head)
+        haf_dim = d * copies if fusion == "weighted_mean" else d  # a mean needs equal sizes
+        self.haf = StreamHead(channels, t_out, haf_dim, hidden, head)
         self.power_norm = power_norm
         self.targets = nn.ModuleDict(
             {_key(s.name): MultiSketch(s.dim, d, copies, seed + 17 * i + 1) for i, s in enumerate(streams)}
@@ -103,9 +106,8 @@ class HallucinationNet(nn.Module):
         for s in streams:  # training-set statistics of each descriptor; see ``target``
             self.register_buffer(f"gt_mean__{_key(s.name)}", torch.zeros(s.dim))
             self.register_buffer(f"gt_std__{_key(s.name)}", torch.ones(s.dim))
-        total = d * copies * len(streams) + d
-        self.fuse = CountSketch(total, fused_dim, seed) if fused_dim else nn.Identity()
-        width = fused_dim or total
+        self.fuse = FUSIONS.get(fusion)([s.name for s in streams], d * copies, haf_dim, fused_dim, seed)
+        width = self.fuse.out_dim
         self.prednet = nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, num_classes))
 
     @property
@@ -150,9 +152,7 @@ class HallucinationNet(nn.Module):
         return torch.stack(out, 1)
 
     def classify(self, x_rgb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-        haf = self.power_norm(self.haf(x_rgb))
-        fused = torch.cat([streams.flatten(1), haf], 1)
-        return self.prednet(self.fuse(fused))
+        return self.prednet(self.fuse(streams, self.power_norm(self.haf(x_rgb))))
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
         """RGB only in, class logits out: the test-time model."""

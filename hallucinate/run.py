@@ -43,6 +43,7 @@ class ModelOptions:
     loss: str = "mse"  # or "uncertainty"
     pattern: str = "grouped"
     kappa: float = 1.0
+    fusion: str = "concat"  # or "weighted_mean" (Eqs. 21-22)
 
     def build(
         self, streams: list[StreamSpec], num_classes: int, clip: ClipSpec, seed: int
@@ -60,6 +61,7 @@ class ModelOptions:
             fused_dim=self.fused_dim,
             head=self.head,
             seed=seed,
+            fusion=self.fusion,
         )
 
 
@@ -99,6 +101,13 @@ def train_model(
     loss = None
     if streams:
         model.set_target_statistics(splits.train.target_statistics())
+        if hasattr(model.fuse, "set_prior"):
+            prior = fusion_prior(splits.train, splits.val)
+            log(
+                "fusion prior w' (validation accuracy of a linear SVM on each stream's ground truth): "
+                + ", ".join(f"{s.name} {p:.2f}" for s, p in zip(streams, prior.tolist(), strict=True))
+            )
+            model.fuse.set_prior(prior)
         loss = build_hallucination_loss(
             options.loss, len(streams), options.d * options.copies, options.pattern, options.kappa, seed
         )
@@ -119,6 +128,36 @@ def train_model(
         progress=progress,
     )
     return trainer
+
+
+def fusion_prior(train: ClipDataset, val: ClipDataset, max_videos: int = 2000) -> torch.Tensor:
+    """w′ of Eq. 22: per stream, the validation accuracy of a linear SVM trained on its
+    ground-truth descriptor (on at most ``max_videos`` training videos, as the paper
+    used "a subset"). A stream that cannot be scored gets chance level."""
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    def xy(rows, i: int, name: str) -> tuple[list, list]:
+        keep = [
+            (gt[name].numpy(), int(label))
+            for (gt, mask), label in rows
+            if mask[i] and label.ndim == 0 and int(label) >= 0
+        ]
+        return [x for x, _ in keep], [y for _, y in keep]
+
+    train_rows = [(train.ground_truth(r), train.label(r)) for r in train.records[:max_videos]]
+    val_rows = [(val.ground_truth(r), val.label(r)) for r in val.records[:max_videos]]
+    chance = 1.0 / max(train.num_classes, 1)
+    prior = []
+    for i, stream in enumerate(train.streams):
+        (xt, yt), (xv, yv) = xy(train_rows, i, stream.name), xy(val_rows, i, stream.name)
+        if len(set(yt)) < 2 or not yv:
+            prior.append(chance)
+            continue
+        scaler = StandardScaler().fit(xt)
+        svm = LinearSVC(C=0.1, max_iter=5000).fit(scaler.transform(xt), yt)
+        prior.append(float(svm.score(scaler.transform(xv), yv)))
+    return torch.tensor(prior)
 
 
 def load_model(run_dir: Path, name: str = "best.pt", device: str = "cpu") -> HallucinationNet:

@@ -57,6 +57,10 @@ class Schedule:
     # "alternating" (the paper: two updates per iteration) or "joint" (ours: one
     # update of CE + alpha * hallucination loss, one backbone pass, about half the cost)
     mode: str = "alternating"
+    # Weighted-mean fusion: β stays 0 (equal weights) for this many epochs, then is
+    # picked each epoch by golden-section search on the validation loss in [0, beta_high].
+    beta_warmup: int = 10
+    beta_high: float = 50.0
 
 
 class MSELoss(nn.Module):
@@ -208,6 +212,33 @@ class Trainer:
             return self.joint_step(batch)
         return self.hallucination_step(batch), self.classification_step(batch)
 
+    @torch.no_grad()
+    def search_beta(self, val: DataLoader) -> float:
+        """Sets the fusion's β to the golden-section minimiser of the validation loss.
+
+        The streams and HAF do not depend on β, so they are computed once and
+        only the fusion and PredNet run for each candidate β.
+        """
+        model = self.model
+        model.eval()
+        streams, haf, labels = [], [], []
+        for batch in val:
+            batch = to_device(batch, self.device)
+            x = model.backbone(batch["clip"])
+            streams.append(model.hallucinate(x))
+            haf.append(model.power_norm(model.haf(x)))
+            labels.append(batch["label"].float() if self.multilabel else batch["label"])
+        streams, haf, labels = torch.cat(streams), torch.cat(haf), torch.cat(labels)
+        from hallucinate.fusion import golden_section
+
+        def loss(beta: float) -> float:
+            model.fuse.beta.fill_(beta)
+            return float(self.classify_loss(model.prednet(model.fuse(streams, haf)), labels))
+
+        best = golden_section(loss, 0.0, self.schedule.beta_high)
+        model.fuse.beta.fill_(best)
+        return best
+
     # ------------------------------------------------------------ loop
 
     def fit(self, train: DataLoader, val: DataLoader | None = None, progress: bool = True) -> list[dict]:
@@ -240,6 +271,12 @@ class Trainer:
                 "lr": self.schedulers["cls"].get_last_lr()[0],
                 "seconds": time.perf_counter() - t0,
             }
+            if (
+                val is not None
+                and hasattr(self.model.fuse, "beta")
+                and self.epoch >= self.schedule.beta_warmup
+            ):
+                row["beta"] = self.search_beta(val)
             if val is not None:
                 val_metrics = evaluate_logits(self.model, val, self.device, self.multilabel)
                 row.update({f"val_{k}": v for k, v in val_metrics.items()})

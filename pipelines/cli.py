@@ -99,6 +99,8 @@ class TrainConfig:
     hidden: int = 256
     fused_dim: int | None = 2000
     head: str = "fc"
+    fusion: str = "concat"  # concat (+ P_tot sketch) or weighted_mean (Eqs. 21-22)
+    beta_warmup: int = 10  # weighted_mean: epochs of equal weights before β is searched
     power_norm: str = "asinhe"
     loss: str = "mse"  # mse or uncertainty
     pattern: str = "grouped"  # grouped, diagonal or literal (uncertainty loss)
@@ -401,6 +403,7 @@ def cmd_train(cfg: TrainConfig) -> int:
         cfg.loss,
         cfg.pattern,
         cfg.kappa,
+        cfg.fusion,
     )
     schedule = Schedule(
         cfg.epochs,
@@ -411,6 +414,7 @@ def cmd_train(cfg: TrainConfig) -> int:
         cfg.alpha,
         cfg.hal_updates_backbone,
         cfg.schedule,
+        cfg.beta_warmup,
     )
     run = Path(cfg.run) if cfg.run else Path("runs") / Path(cfg.dataset).stem
     run.mkdir(parents=True, exist_ok=True)

@@ -175,3 +175,23 @@ def test_frozen_backbone_mode_trains_on_stored_x_rgb(tiny_demo_root, tmp_path, c
     assert main(["evaluate", *common]) == 0
     assert "hallucinated" in capsys.readouterr().out
     assert main(["train", *common, "rgb_features=nope/x", "run=" + str(tmp_path / "r2")]) == 2
+
+
+def test_weighted_mean_fusion_end_to_end(tiny_demo_root, tmp_path, capsys):
+    """fusion=weighted_mean: the prior w′ from SVMs on the ground truth, β searched, evaluation loads it."""
+    import json
+
+    store, run = tmp_path / "store", tmp_path / "run"
+    common = [f"data_root={tiny_demo_root}", f"features={store}", f"run={run}"]
+    extract = ["extract", f"data_root={tiny_demo_root}", f"out={store}", "workers=0", "progress=false"]
+    assert main([*extract, "extractors=audio.logmel"]) == 0
+    train = ["train", *common, "fusion=weighted_mean", "beta_warmup=1", "epochs=2", "frames=8", "size=32"]
+    train += ["short_side=36", "hidden=32", "d=16", "backbone_options.width=4", "progress=false"]
+    train += ["baseline=false", "export=false"]
+    capsys.readouterr()
+    assert main(train) == 0
+    err = capsys.readouterr().err
+    assert "fusion prior w'" in err and "audio.logmel/stats" in err
+    rows = [json.loads(line) for line in (run / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert "beta" in rows[-1]
+    assert main(["evaluate", *common]) == 0
