@@ -81,6 +81,8 @@ class LogMelConfig:
 
 @register("audio.logmel")
 class LogMelStats(Extractor):
+    """Log-mel and MFCC statistics plus a log-mel temporal pyramid (AF, weight-free, default set)."""
+
     version = "2"  # 2: numpy STFT and scipy DCT instead of librosa's (same values to 1e-4)
     Config = LogMelConfig
     in_default_set = True
