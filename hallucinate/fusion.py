@@ -36,6 +36,13 @@ class ConcatFusion(nn.Module):
     def forward(self, streams: torch.Tensor, haf: torch.Tensor) -> torch.Tensor:
         return self.sketch(torch.cat([streams.flatten(1), haf], 1))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before fusion was a module kept P_tot at "fuse.hash"/"fuse.sign".
+        for name in ("hash", "sign"):
+            if prefix + name in state_dict:
+                state_dict[f"{prefix}sketch.{name}"] = state_dict.pop(prefix + name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def family(stream_name: str) -> str:
     """``odf.motion/descriptor`` -> ``odf``: the streams pooled together at the first level."""

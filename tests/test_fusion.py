@@ -71,3 +71,18 @@ def test_beta_is_searched_after_the_warm_up(tmp_path):
     assert 0 <= history[-1]["beta"] <= 50
     assert float(trainer.model.fuse.beta) == pytest.approx(history[-1]["beta"])
     assert trainer.model.prednet[0].num_features == 16  # the mean keeps the streams' size
+
+
+def test_checkpoints_from_before_the_fusion_module_still_load():
+    from hallucinate.backbones import create_backbone
+    from hallucinate.model import HallucinationNet
+    from hallucinate.power_norm import create_power_norm
+    from tests.test_trainer import CLIP
+
+    net = HallucinationNet(
+        create_backbone("tiny3d", width=4), STREAMS, 3, CLIP.frames, CLIP.size, create_power_norm("asinhe"),
+        d=16, hidden=32, fused_dim=50,
+    )  # fmt: skip
+    old = {k.replace("fuse.sketch.", "fuse."): v for k, v in net.state_dict().items()}
+    assert "fuse.hash" in old
+    net.load_state_dict(old)  # strict
