@@ -18,7 +18,7 @@ import numpy as np
 
 from pipelines.errors import ConfigError
 from pipelines.registry import Registry
-from pipelines.weights import file_sha256, load_torchvision_weights, read_state_dict
+from pipelines.weights import create_timm_model, file_sha256, load_torchvision_weights, read_state_dict
 
 
 def crop_boxes(frame: np.ndarray, boxes: np.ndarray, min_px: int = 2) -> list[np.ndarray]:
@@ -191,22 +191,12 @@ class TimmClassifier(_Classifier):
     Config = TimmClassifierConfig
 
     def _build(self):
-        import timm
         from timm.data import resolve_data_config
-
-        from pipelines.errors import MissingWeightsError
 
         c = self.config
         what = f"crop classifier timm/{c.model}"
         pretrained = c.weights == "pretrained"
-        try:
-            model = timm.create_model(c.model, pretrained=pretrained, num_classes=c.num_classes)
-        except RuntimeError as exc:
-            raise ConfigError(f"{what}: {exc}") from None
-        except OSError as exc:
-            raise MissingWeightsError(
-                what, "Hugging Face cache", f"Download failed ({exc}); pass weights=/path/to/checkpoint."
-            ) from None
+        model = create_timm_model(c.model, c.weights, what, num_classes=c.num_classes)
         self._hash = "random"
         if c.weights and not pretrained:
             model.load_state_dict(read_state_dict(c.weights, what))

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipelines.errors import ConfigError, MissingWeightsError
 from pipelines.registry import Registry
-from pipelines.weights import looks_like_file, read_state_dict, torchvision_state
+from pipelines.weights import create_timm_model, looks_like_file, read_state_dict, torchvision_state
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 # Keys of classifier layers, dropped when loading a full-model checkpoint.
@@ -143,20 +143,11 @@ class TSN(Backbone):
         self, model: str = "resnet50", weights: str | None = None, segments: int | None = None
     ) -> None:
         super().__init__()
-        import timm
         from timm.data import resolve_data_config
 
         what = f"tsn backbone timm/{model}"
-        pretrained = weights == "pretrained"
-        try:
-            self.model = timm.create_model(model, pretrained=pretrained, num_classes=0)  # pooled features
-        except RuntimeError as exc:
-            raise ConfigError(f"{what}: {exc}") from None
-        except OSError as exc:
-            raise MissingWeightsError(
-                what, "the Hugging Face cache", f"Download failed ({exc}); pass weights=/path/to/checkpoint."
-            ) from None
-        if weights and not pretrained:
+        self.model = create_timm_model(model, weights, what, num_classes=0)  # pooled features
+        if weights and weights != "pretrained":
             load_trunk_weights(self.model, read_state_dict(weights, what), what)
         data = resolve_data_config({}, model=self.model)
         self._set_normalisation(tuple(data["mean"]), tuple(data["std"]))

@@ -99,3 +99,20 @@ def load_torchvision_weights(model: Any, model_name: str, weights: str | None, w
     except RuntimeError as exc:
         raise ConfigError(f"{what}: the weights do not fit the model: {str(exc)[:300]}") from None
     return identity
+
+
+def create_timm_model(name: str, weights: str | None, what: str, **kwargs: Any) -> Any:
+    """``timm.create_model``; ``weights="pretrained"`` fetches timm's default weights
+    through the Hugging Face cache (internet once), and a failed download is a
+    MissingWeightsError that says to pass a checkpoint file instead. Loading a file
+    is the caller's (classifier kept or dropped)."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=weights == "pretrained", **kwargs)
+    except RuntimeError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    except OSError as exc:
+        raise MissingWeightsError(
+            what, "the Hugging Face cache", f"Download failed ({exc}); pass weights=/path/to/checkpoint."
+        ) from None
