@@ -27,6 +27,8 @@ FUSIONS: Registry[nn.Module] = Registry("fusion")
 
 @FUSIONS.register("concat")
 class ConcatFusion(nn.Module):
+    equal_sizes = False  # HAF keeps size d whatever the streams' size (MSK copies)
+
     def __init__(self, stream_names: list[str], dim: int, haf_dim: int, fused_dim: int | None, seed: int):
         super().__init__()
         total = dim * len(stream_names) + haf_dim
@@ -59,6 +61,8 @@ def mean_weights(prior: torch.Tensor, beta: torch.Tensor, rho: float) -> torch.T
 @FUSIONS.register("weighted_mean")
 class WeightedMeanFusion(nn.Module):
     """Eqs. 21–22; the output has the streams' dimension (HAF must match it)."""
+
+    equal_sizes = True
 
     def __init__(
         self,

@@ -97,7 +97,8 @@ class HallucinationNet(nn.Module):
         self.heads = nn.ModuleDict(
             {_key(s.name): StreamHead(channels, t_out, d * copies, hidden, head) for s in streams}
         )
-        haf_dim = d * copies if fusion == "weighted_mean" else d  # a mean needs equal sizes
+        fusion_cls = FUSIONS.get(fusion)
+        haf_dim = d * copies if fusion_cls.equal_sizes else d  # a mean needs HAF of the streams' size
         self.haf = StreamHead(channels, t_out, haf_dim, hidden, head)
         self.power_norm = power_norm
         self.targets = nn.ModuleDict(
@@ -106,7 +107,7 @@ class HallucinationNet(nn.Module):
         for s in streams:  # training-set statistics of each descriptor; see ``target``
             self.register_buffer(f"gt_mean__{_key(s.name)}", torch.zeros(s.dim))
             self.register_buffer(f"gt_std__{_key(s.name)}", torch.ones(s.dim))
-        self.fuse = FUSIONS.get(fusion)([s.name for s in streams], d * copies, haf_dim, fused_dim, seed)
+        self.fuse = fusion_cls([s.name for s in streams], d * copies, haf_dim, fused_dim, seed)
         width = self.fuse.out_dim
         self.prednet = nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, num_classes))
 
