@@ -44,9 +44,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # alpha=0.05: on the demo's 180 training clips, hallucination steps as large
-# as the classification steps (the paper's alpha=1) swamp the shared backbone
-# (README, "Status"); TRAIN_ARGS="alpha=1" restores the paper's weight.
-DEMO_TRAIN_ARGS ?= alpha=0.05
+# as the classification steps (the paper's alpha=1) swamp the shared backbone;
+# fusion=weighted_mean (Eqs. 21-22) down-weights the streams whose ground truth
+# classifies poorly. See README, "Status". TRAIN_ARGS=... overrides either.
+DEMO_TRAIN_ARGS ?= alpha=0.05 fusion=weighted_mean
 
 demo: install
 	$(HALLUCINATE) extract dataset=demo $(ARGS)
