@@ -213,31 +213,34 @@ class Trainer:
         return self.hallucination_step(batch), self.classification_step(batch)
 
     @torch.no_grad()
-    def search_beta(self, val: DataLoader) -> float:
+    def search_beta(self, val: DataLoader) -> tuple[float, dict[str, float]]:
         """Sets the fusion's β to the golden-section minimiser of the validation loss.
 
         The streams and HAF do not depend on β, so they are computed once and
-        only the fusion and PredNet run for each candidate β.
+        only the fusion and PredNet run for each candidate β; the validation
+        metrics at the chosen β come from the same cache, so the epoch makes
+        one validation pass, not two. Returns (β, validation metrics).
         """
         model = self.model
         model.eval()
         streams, haf, labels = [], [], []
         for batch in val:
-            batch = to_device(batch, self.device)
-            x = model.backbone(batch["clip"])
+            x = model.backbone(batch["clip"].to(self.device))
             streams.append(model.hallucinate(x))
             haf.append(model.power_norm(model.haf(x)))
-            labels.append(batch["label"].float() if self.multilabel else batch["label"])
+            labels.append(batch["label"])
         streams, haf, labels = torch.cat(streams), torch.cat(haf), torch.cat(labels)
+        target = (labels.float() if self.multilabel else labels).to(self.device)
         from hallucinate.fusion import golden_section
 
-        def loss(beta: float) -> float:
+        def logits(beta: float) -> torch.Tensor:
             model.fuse.beta.fill_(beta)
-            return float(self.classify_loss(model.prednet(model.fuse(streams, haf)), labels))
+            return model.prednet(model.fuse(streams, haf))
 
-        best = golden_section(loss, 0.0, self.schedule.beta_high)
-        model.fuse.beta.fill_(best)
-        return best
+        best = golden_section(
+            lambda beta: float(self.classify_loss(logits(beta), target)), 0.0, self.schedule.beta_high
+        )
+        return best, classification_metrics(logits(best).cpu(), labels, self.multilabel)
 
     # ------------------------------------------------------------ loop
 
@@ -271,14 +274,11 @@ class Trainer:
                 "lr": self.schedulers["cls"].get_last_lr()[0],
                 "seconds": time.perf_counter() - t0,
             }
-            if (
-                val is not None
-                and hasattr(self.model.fuse, "beta")
-                and self.epoch >= self.schedule.beta_warmup
-            ):
-                row["beta"] = self.search_beta(val)
             if val is not None:
-                val_metrics = evaluate_logits(self.model, val, self.device, self.multilabel)
+                if hasattr(self.model.fuse, "beta") and self.epoch >= self.schedule.beta_warmup:
+                    row["beta"], val_metrics = self.search_beta(val)
+                else:
+                    val_metrics = evaluate_logits(self.model, val, self.device, self.multilabel)
                 row.update({f"val_{k}": v for k, v in val_metrics.items()})
             for key, value in row.items():
                 if key != "epoch":
