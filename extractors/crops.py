@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
+from pipelines.device import pick_device
 from pipelines.errors import ConfigError
 from pipelines.registry import Registry
 from pipelines.weights import create_timm_model, file_sha256, load_torchvision_weights, read_state_dict
@@ -110,8 +111,6 @@ class _Classifier(CropFeatures):
 
     def setup(self) -> None:
         import torch
-
-        from extractors.detectors import pick_device
 
         self._torch = torch
         model, (mean, std, size) = self._build()

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
+from pipelines.device import pick_device
 from pipelines.errors import ConfigError, MissingWeightsError
 from pipelines.registry import Registry
 from pipelines.weights import file_sha256, load_torchvision_weights
@@ -102,14 +103,6 @@ class Detector(ABC):
 
 
 DETECTORS: Registry[Detector] = Registry("detector backend", entry_point_group="hallucinate.detectors")
-
-
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 # ---------------------------------------------------------------- weight-free

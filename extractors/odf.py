@@ -106,7 +106,7 @@ class ODFExtractor(Extractor):
         where = f"options.{self.name}"
         det_cls, det_cfg = build_backend(
             DETECTORS,
-            {"name": self.backend, **self.detector_defaults, **config.detector},
+            {**self.detector_defaults, **config.detector},
             self.backend,
             f"{where}.detector",
         )

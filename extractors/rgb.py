@@ -18,6 +18,7 @@ import numpy as np
 
 from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
 from extractors.registry import register
+from pipelines.device import pick_device
 
 
 @dataclass
@@ -49,7 +50,6 @@ class RGBFeatures(Extractor):
     def setup(self) -> None:
         import torch
 
-        from extractors.detectors import pick_device
         from hallucinate.backbones import create_backbone
 
         c = self.config

@@ -34,6 +34,7 @@ from extractors.encoders import (
 )
 from extractors.registry import build_backend, register
 from pipelines.config import to_plain
+from pipelines.device import pick_device
 from pipelines.errors import ConfigError, MissingWeightsError
 from pipelines.registry import Registry
 
@@ -224,7 +225,6 @@ class DeepSaliency(SaliencyBackend):
     Config = DeepSaliencyConfig
 
     def setup(self) -> None:
-        from extractors.detectors import pick_device
         from pipelines.weights import file_sha256
 
         c = self.config
@@ -310,9 +310,7 @@ class SDFExtractor(Extractor):
     def __init__(self, config: SDFConfig | None = None) -> None:
         config = config if config is not None else SDFConfig()
         where = f"options.{self.name}"
-        cls, cfg = build_backend(
-            SALIENCY, {"name": self.backend, **config.saliency}, self.backend, f"{where}.saliency"
-        )
+        cls, cfg = build_backend(SALIENCY, config.saliency, self.backend, f"{where}.saliency")
         if len(config.map_size) != 2 or min(config.map_size) < 4:
             raise ConfigError(f"{where}.map_size must be [width, height], each at least 4")
         check_power_norm(config.power_norm, config.power_norm_params, where)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import build_config
+from pipelines.device import pick_device
 from pipelines.errors import ConfigError, HallucinateError
 
 
@@ -74,8 +75,8 @@ class InspectConfig:
 
 
 @dataclass
-class TrainConfig:
-    """``hallucinate train``: the hallucination model and, by default, its RGB-only baseline."""
+class RunLocation:
+    """Where a run's data, feature store and run directory are: shared by train and evaluate."""
 
     dataset: str = "demo"
     definition: dict[str, Any] = field(default_factory=dict)
@@ -83,6 +84,12 @@ class TrainConfig:
     video_root: str | None = None
     features: str | None = None  # the feature store; default features/<dataset>
     run: str | None = None  # the run directory; default runs/<dataset>
+
+
+@dataclass
+class TrainConfig(RunLocation):
+    """``hallucinate train``: the hallucination model and, by default, its RGB-only baseline."""
+
     streams: list[str] = field(default_factory=lambda: ["auto"])  # descriptors or extractors; auto: all
     baseline: bool = True  # also train the RGB-only baseline, same backbone and budget
     backbone: str = "tiny3d"
@@ -124,15 +131,9 @@ class TrainConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(RunLocation):
     """``hallucinate evaluate``: three protocols, stream ablation and quality of a run."""
 
-    dataset: str = "demo"
-    definition: dict[str, Any] = field(default_factory=dict)
-    data_root: str = "datasets"
-    video_root: str | None = None
-    features: str | None = None
-    run: str | None = None
     batch_size: int = 32
     device: str = "auto"
 
@@ -314,12 +315,6 @@ def cmd_extractors(_: Any) -> int:
     return 0
 
 
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def _load_dataset(cfg):
     """The dataset a train or evaluate config names, parsed once."""
     from pipelines.datasets import load_dataset, load_definition, resolve_paths
@@ -422,7 +417,7 @@ def cmd_train(cfg: TrainConfig) -> int:
 
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     splits = _splits(dataset, store, streams, clip, cfg.preload, cfg.seed)
-    device = _device(cfg.device)
+    device = pick_device(cfg.device)
     names = ", ".join(s.name for s in streams) or "none"
     print(f"streams: {names}", file=sys.stderr)
     jobs = [("model", streams)] + ([("baseline", [])] if cfg.baseline else [])
@@ -477,7 +472,7 @@ def cmd_evaluate(cfg: EvaluateConfig) -> int:
     dataset = _load_dataset(cfg)
     store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
     splits = _splits(dataset, store, streams, clip, True, saved["seed"])
-    report = evaluate_run(run, splits, cfg.batch_size, dataset.multilabel, _device(cfg.device))
+    report = evaluate_run(run, splits, cfg.batch_size, dataset.multilabel, pick_device(cfg.device))
     print(format_report(report))
     print(f"\nwritten: {run / 'evaluation.json'}, {run / 'curves.png'}, {run / 'quality.png'}")
     return 0
