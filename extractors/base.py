@@ -110,6 +110,9 @@ class Result:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     flags: dict[str, str] = field(default_factory=dict)  # flag -> human reason
     attrs: dict[str, Any] = field(default_factory=dict)  # extra provenance
+    # Handed to dependent extractors of the same run, never stored (e.g. flow
+    # nobody asked to keep: 300 KB a frame). See ``Extractor.transient_outputs``.
+    transient: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Extractor(ABC):
@@ -177,6 +180,15 @@ class Extractor(ABC):
 
     @abstractmethod
     def produces(self) -> dict[str, OutputSpec]: ...
+
+    def transient_outputs(self) -> tuple[str, ...]:
+        """Outputs that dependents read but the shard does not keep.
+
+        When a dependent runs on a video whose result of this extractor is
+        already stored, the runner recomputes this extractor in memory (and
+        does not store it again), since the stored result lacks these arrays.
+        """
+        return ()
 
     def setup(self) -> None:  # noqa: B027  (optional hook)
         """Loads models; called once per worker process, not once per video."""

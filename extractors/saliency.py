@@ -352,6 +352,13 @@ class SDFExtractor(Extractor):
             if c.store_maps:
                 s = c.store_maps
                 small += [cv2.resize(m, (s, s), interpolation=cv2.INTER_AREA) for m in maps]
+        return self._pooled(
+            video, vectors, small, {"saliency": self.saliency.name, **self.saliency.provenance()}
+        )
+
+    def _pooled(self, video: VideoInput, vectors: list, small: list, attrs: dict[str, Any]) -> Result:
+        """Eq. 16 pooling + PN of the per-frame vectors, and the optional small maps."""
+        c = self.config
         per_frame = np.concatenate(vectors) if vectors else np.zeros((0, FRAME_DIM))
         if not len(per_frame):
             raise ValueError(f"{video.path}: no frames were decoded, so there is no saliency to pool")
@@ -362,8 +369,7 @@ class SDFExtractor(Extractor):
         }
         if c.store_maps:
             arrays["maps"] = np.round(np.stack(small) * 255).astype(np.uint8)
-        attrs = {"frames": len(per_frame), "saliency": self.saliency.name, **self.saliency.provenance()}
-        return Result(arrays, attrs=attrs)
+        return Result(arrays, attrs={"frames": len(per_frame), **attrs})
 
 
 @register("sdf.spectral_residual")
@@ -394,3 +400,78 @@ class DeepSDF(SDFExtractor):
     """SDF from a user's TorchScript/ONNX saliency net (e.g. an exported ACLNet or MNL)."""
 
     backend = "deep"
+
+
+@dataclass
+class FlowMagnitudeConfig:
+    flow: str = "flow"  # the flow extractor this reads
+
+
+@SALIENCY.register("flow_magnitude")
+class FlowMagnitude(SaliencyBackend):
+    """Saliency as flow magnitude after removing the frame's dominant (camera) translation.
+
+    Not a frame model: ``sdf.flow`` feeds it the flow extractor's output
+    (the dependency mechanism), so flow is computed once for IDT, OFF and
+    this. The median flow vector stands in for the camera's motion; what
+    moves differently from it is salient. Maps are scaled by their 99th
+    percentile, so a static video gives an all-zero map, not amplified noise.
+    """
+
+    Config = FlowMagnitudeConfig
+
+    def setup(self) -> None:
+        self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+
+    def reset(self, first_frames: np.ndarray) -> None:
+        self._last: np.ndarray | None = None
+
+    def maps(self, frames: np.ndarray) -> np.ndarray:
+        """Standalone use on frames (DIS flow from the previous frame); ``sdf.flow`` reads stored flow."""
+        grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
+        prev = [self._last if self._last is not None else grey[0], *grey[:-1]]
+        if self._last is None and len(grey) > 1:
+            prev[0], grey_first = grey[0], grey[1]  # the first frame takes the flow to the second
+        else:
+            grey_first = grey[0]
+        flow = np.stack(
+            [self._dis.calc(a, b, None) for a, b in zip(prev, [grey_first, *grey[1:]], strict=True)]
+        )
+        self._last = grey[-1]
+        h, w = frames.shape[1:3]
+        return self.from_flow(flow, (w, h))
+
+    @staticmethod
+    def from_flow(flow: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """Maps (n, h, w) in [0, 1] at ``size`` (w, h) from flow (n, H, W, 2)."""
+        out = np.empty((len(flow), size[1], size[0]), np.float32)
+        for i, f in enumerate(flow):
+            rel = f - np.median(f.reshape(-1, 2), 0)
+            m = cv2.resize(np.hypot(rel[..., 0], rel[..., 1]), size, interpolation=cv2.INTER_AREA)
+            top = float(np.percentile(m, 99))
+            out[i] = np.clip(m / top, 0, 1) if top > 0.25 else 0.0  # < 0.25 px: noise, not motion
+        return out
+
+
+@register("sdf.flow")
+class FlowSDF(SDFExtractor):
+    """SDF from flow-magnitude saliency (temporal, weight-free), read from the ``flow`` extractor."""
+
+    backend = "flow_magnitude"
+
+    def needs(self) -> Needs:
+        return Needs(inputs=(self.config.saliency["flow"],))
+
+    def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
+        from extractors.flow import flow_input
+
+        c = self.config
+        flow = flow_input(inputs, c.saliency["flow"], video.path)
+        vectors, small = [], []
+        for start in range(0, len(flow), c.chunk):
+            maps = FlowMagnitude.from_flow(flow[start : start + c.chunk], tuple(c.map_size))
+            vectors.append(frame_vectors(maps, c.sigma_orientation, c.sigma_space))
+            if c.store_maps:
+                s = c.store_maps
+                small += [cv2.resize(m, (s, s), interpolation=cv2.INTER_AREA) for m in maps]
+        return self._pooled(video, vectors, small, {"saliency": "flow_magnitude"})

@@ -4,6 +4,10 @@ A sample is an RGB clip (3, T, S, S) in [-1, 1] (random crop and flip when
 training, centre crop at test, METHOD.md §5.2), its label, and for each
 stream the cached descriptor plus a mask bit that is False when the store
 holds no such descriptor for the video (flagged no_audio, failed, missing).
+
+Descriptors stored with running sums over frames (IDT's BoW and Fisher
+vectors, Prop. 1) are pooled over the frames of the sampled clip only, so
+the target describes what the network sees rather than the whole video.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from extractors.base import FrameSpec
+from extractors.codebooks import FINISHERS, pool_frames
 from hallucinate.model import StreamSpec
 from pipelines.datasets import VideoRecord
 from pipelines.decode import iter_frames
@@ -110,21 +115,25 @@ class ClipDataset(Dataset):
             raise DatasetError(f"frozen-backbone mode reads {spec.features} from a feature store; none given")
         self.rng = np.random.default_rng(seed)
         self.frame_spec = FrameSpec(fps=spec.fps, short_side=spec.short_side)
-        self.frames: list[np.ndarray] | None = None
+        self.frames: list[tuple[np.ndarray, np.ndarray]] | None = None
         if preload and not spec.features:
             self.frames = [self._decode(r) for r in tqdm(self.records, desc="decode", unit="video")]
 
-    def _decode(self, record: VideoRecord) -> np.ndarray:
-        return np.concatenate([b.frames for b in iter_frames(record.path, self.frame_spec)])
+    def _decode(self, record: VideoRecord) -> tuple[np.ndarray, np.ndarray]:
+        """Frames (n, H, W, 3) and their times in seconds."""
+        batches = list(iter_frames(record.path, self.frame_spec))
+        return np.concatenate([b.frames for b in batches]), np.concatenate([b.timestamps for b in batches])
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _clip(self, frames: np.ndarray) -> torch.Tensor:
+    def _clip(self, frames: np.ndarray, times: np.ndarray) -> tuple[torch.Tensor, tuple[float, float]]:
+        """A clip and the time span (first, last frame, seconds) it covers."""
         t, s = self.spec.frames, self.spec.size
         n, h, w = frames.shape[:3]
         start = self.rng.integers(0, max(1, n - t + 1)) if self.train else max(0, (n - t) // 2)
         idx = (start + np.arange(t)) % n  # loop short videos
+        span = (float(times[idx].min()), float(times[idx].max()))
         y0, x0 = (
             (self.rng.integers(0, h - s + 1), self.rng.integers(0, w - s + 1))
             if self.train
@@ -134,7 +143,7 @@ class ClipDataset(Dataset):
         if self.train and self.rng.random() < 0.5:
             clip = clip[:, :, ::-1]
         clip = torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2).float()
-        return clip / 127.5 - 1.0
+        return clip / 127.5 - 1.0, span
 
     def label(self, record: VideoRecord) -> torch.Tensor:
         if self.multilabel:
@@ -143,14 +152,36 @@ class ClipDataset(Dataset):
             return target
         return torch.tensor(record.labels[0] if record.labels else -1)
 
-    def ground_truth(self, record: VideoRecord) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _pooled(self, video_id: str, stream: str, span: tuple[float, float]) -> np.ndarray | None:
+        """Prop. 1: the stream's descriptor over the frames in ``span`` when running sums are stored."""
+        extractor, _, output = stream.rpartition("/")
+        if output not in FINISHERS:
+            return None
+        try:
+            cum = {
+                k: self.reader.get(video_id, f"{extractor}/{k}")
+                for k in ("knot_frames", "count_cum", f"{output}_cum", TIMESTAMPS)
+            }
+        except KeyError:  # stored without running sums (cumulative=false)
+            return None
+        times = cum[TIMESTAMPS]
+        first = int(np.searchsorted(times, span[0] - 1e-6, side="left"))
+        last = int(np.searchsorted(times, span[1] + 1e-6, side="right")) - 1
+        return pool_frames(cum, output, first, max(last, first))
+
+    def ground_truth(
+        self, record: VideoRecord, span: tuple[float, float] | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Each stream's target for the video, or for the frames in ``span`` (seconds) where poolable."""
         gt, mask = {}, torch.zeros(len(self.streams), dtype=torch.bool)
         for i, stream in enumerate(self.streams):
             extractor = stream.name.rpartition("/")[0]
             try:
                 if self.reader.flags(record.video_id, extractor):  # e.g. the zero ODF of a box-less video
                     raise KeyError(stream.name)
-                value = self.reader.get(record.video_id, stream.name)
+                value = self._pooled(record.video_id, stream.name, span) if span is not None else None
+                if value is None:
+                    value = self.reader.get(record.video_id, stream.name)
                 gt[stream.name] = torch.from_numpy(value.astype(np.float32).reshape(-1))
                 mask[i] = True
             except KeyError:  # flagged (no audio, no boxes), failed or not extracted
@@ -173,12 +204,13 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
-        gt, mask = self.ground_truth(record)
+        span = None
         if self.spec.features:  # X_rgb of a frozen backbone: one stored clip, random when training
             x_rgb = self.reader.get(record.video_id, self.spec.features)
             k = self.rng.integers(len(x_rgb)) if self.train else len(x_rgb) // 2
             clip = torch.from_numpy(np.ascontiguousarray(x_rgb[k], dtype=np.float32))
         else:
-            frames = self.frames[i] if self.frames is not None else self._decode(record)
-            clip = self._clip(frames)
+            frames, times = self.frames[i] if self.frames is not None else self._decode(record)
+            clip, span = self._clip(frames, times)
+        gt, mask = self.ground_truth(record, span if self.streams else None)
         return {"clip": clip, "label": self.label(record), "gt": gt, "mask": mask, "index": i}

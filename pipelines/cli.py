@@ -65,6 +65,26 @@ class RepoolConfig(ExtractConfig):
 
 
 @dataclass
+class FitCodebooksConfig(ExtractConfig):
+    """``hallucinate fit-codebooks``: IDT codebooks (PCA, GMM, k-means) from sampled training videos.
+
+    The dataset, store and ``options.flow`` / ``options.idt`` keys are those
+    of ``extract``; ``workers`` processes run the tracker.
+    """
+
+    split: str = "train"
+    videos: int = 256  # training videos sampled (seeded)
+    descriptors: int = 1_000_000  # at most, drawn uniformly from their trajectories
+    components: int = 256  # GMM components (Fisher vectors)
+    words: int = 1000  # k-means words (BoW); the paper also uses 4000
+    gmm_iterations: int = 100
+    gmm_sample: int = 256_000  # descriptors the GMM is fitted on (Wang & Schmid: 256k)
+    seed: int = 0
+    codebooks: str | None = None  # output folder; default <out>/codebooks
+    name: str | None = None  # file name stem; default the dataset's name
+
+
+@dataclass
 class InspectConfig:
     """``hallucinate inspect``: what a feature store holds and what failed."""
 
@@ -249,6 +269,13 @@ def cmd_repool(cfg: RepoolConfig) -> int:
     return cmd_extract(
         ExtractConfig(**{**extract, "extractors": ["odf.repool"], "options": {"odf.repool": pooling}})
     )
+
+
+def cmd_fit_codebooks(cfg: FitCodebooksConfig) -> int:
+    from pipelines.codebooks import fit_codebooks
+
+    fit_codebooks(cfg)
+    return 0
 
 
 def cmd_inspect(cfg: InspectConfig) -> int:
@@ -499,22 +526,15 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _not_yet(issue: str):
-    def run(_: Any) -> int:
-        raise HallucinateError(f"this command is not implemented yet; it arrives with {issue}")
-
-    return run
-
-
 COMMANDS = {
     "extract": (ExtractConfig, cmd_extract, "run extractors over a dataset into HDF5 shards"),
     "inspect": (InspectConfig, cmd_inspect, "summarise a feature store and its failure ledger"),
     "extractors": (None, cmd_extractors, "list the registered extractors"),
     "repool": (RepoolConfig, cmd_repool, "pool stored ODF boxes again (other n', PN, RBF); no detector runs"),
     "fit-codebooks": (
-        None,
-        _not_yet("the IDT / BoW / Fisher-vector work"),
-        "fit PCA/GMM/k-means codebooks",
+        FitCodebooksConfig,
+        cmd_fit_codebooks,
+        "fit the IDT codebooks (PCA, GMM, k-means) on sampled training videos",
     ),
     "train": (TrainConfig, cmd_train, "train the hallucination model and its RGB-only baseline"),
     "evaluate": (EvaluateConfig, cmd_evaluate, "evaluate RGB-only, hallucinated and oracle protocols"),

@@ -219,20 +219,31 @@ def _run_video(
     state.staging.mark_started(vid, starts + 1)
     video = VideoSource(vid, record.path)
     results: dict[str, Result] = {}
+
+    def inputs_of(name: str) -> dict[str, Result]:
+        inputs = {}
+        for dep in extractors[name].needs().inputs:
+            dep_entry = state.get(vid, dep)
+            if dep in results:
+                inputs[dep] = results[dep]
+            elif dep_entry is None or dep_entry.status == FAILED:
+                raise HallucinateError(f"{record.path}: {dep!r} failed on it, so {name!r} cannot run")
+            elif extractors[dep].transient_outputs() and dep_entry.status == DONE:
+                # Stored without what dependents read (e.g. flow): recompute in memory, store nothing.
+                t0 = time.perf_counter()
+                results[dep] = extractors[dep].process(video, inputs_of(dep))
+                report.seconds[dep] += time.perf_counter() - t0
+                inputs[dep] = results[dep]
+            else:
+                if dep_entry.status == DONE and not dep_entry.arrays:  # stored: load lazily
+                    dep_entry = load_entry(state.path, vid, dep)
+                inputs[dep] = entry_as_result(dep_entry)
+        return inputs
+
     for name in todo:
         extractor = extractors[name]
         try:
-            inputs = {}
-            for dep in extractor.needs().inputs:
-                dep_entry = state.get(vid, dep)
-                if dep in results:
-                    inputs[dep] = results[dep]
-                elif dep_entry is not None and dep_entry.status != FAILED:
-                    if dep_entry.status == DONE and not dep_entry.arrays:  # stored: load lazily
-                        dep_entry = load_entry(state.path, vid, dep)
-                    inputs[dep] = entry_as_result(dep_entry)
-                else:
-                    raise HallucinateError(f"{record.path}: {dep!r} failed on it, so {name!r} cannot run")
+            inputs = inputs_of(name)
             t0 = time.perf_counter()
             result = extractor.process(video, inputs)
             report.seconds[name] += time.perf_counter() - t0

@@ -200,6 +200,8 @@ def deep_extractor_options(folder: Path) -> dict[str, dict]:
         "fps": 4.0,
         "saliency": {"model": str(save_saliency_net(folder / "saliency.pt")), "input_size": [80, 64]},
     }
+    options["off.i3d"] = {"weights": str(save_i3d(folder / "flow_i3d.pt")), "clip_frames": 8, "size": 64}
+    options["idt"] = {"codebook": str(save_codebook(folder))}
     options["odf.yolo"] = {
         "fps": 2.0,
         "score_threshold": 0.0,
@@ -219,3 +221,22 @@ def save_saliency_net(path: Path) -> Path:
     ).eval()
     torch.jit.trace(net, torch.zeros(1, 3, 64, 80)).save(str(path))
     return path
+
+
+def save_i3d(path: Path) -> Path:
+    """A randomly initialised I3D flow net saved as a pytorch-i3d state dict (flow_imagenet.pt's layout)."""
+    import torch
+
+    from extractors.flow import build_i3d
+
+    torch.manual_seed(0)
+    torch.save(build_i3d(2, 400).state_dict(), path)
+    return path
+
+
+def save_codebook(folder: Path, components: int = 4, words: int = 8) -> Path:
+    """A small IDT codebook fitted on random descriptors, saved as fit-codebooks saves one."""
+    from extractors.codebooks import fit_codebook
+
+    x = np.random.default_rng(0).random((400, 426))
+    return fit_codebook(x, components, words, seed=0, gmm_iterations=20).save(folder, "test")

@@ -52,9 +52,10 @@ def test_inspect_without_store(tmp_path, capsys):
     assert "make extract" in capsys.readouterr().err
 
 
-def test_not_yet_implemented_commands_say_so(capsys):
-    assert main(["fit-codebooks"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_fit_codebooks_names_the_splits_when_one_is_missing(tiny_demo_root, tmp_path, capsys):
+    assert main(["fit-codebooks", f"data_root={tiny_demo_root}", f"out={tmp_path}", "split=training"]) == 2
+    err = capsys.readouterr().err
+    assert "no 'training' videos" in err and "'train'" in err and "split=" in err
 
 
 def test_extractors_listing(capsys):

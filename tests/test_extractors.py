@@ -79,7 +79,7 @@ def test_deterministic(name, broken, deep_options):
 @pytest.mark.parametrize("kind", ["corrupt", "zero_byte"])
 def test_bad_input_names_the_file(name, kind, broken, deep_options):
     needs_optional_package(name)
-    needs = get_extractor_class(name)().needs()
+    needs = create_extractor(name, **deep_options.get(name, {})).needs()
     if needs.frames is None and needs.audio is None and not needs.inputs:
         pytest.skip("reads no media")
     with pytest.raises(VideoError) as info:
@@ -88,10 +88,10 @@ def test_bad_input_names_the_file(name, kind, broken, deep_options):
 
 
 @pytest.mark.parametrize("name", list_extractors())
-def test_config_hash_tracks_config_and_version(name):
+def test_config_hash_tracks_config_and_version(name, deep_options):
     cls = get_extractor_class(name)
-    ex = cls()
-    assert ex.config_hash == cls().config_hash
+    ex = create_extractor(name, **deep_options.get(name, {}))
+    assert ex.config_hash == create_extractor(name, **deep_options.get(name, {})).config_hash
     fields = [f for f in dataclasses.fields(cls.Config) if f.type in ("int", "float", int, float)]
     changed = []
     for f in fields:  # the first numeric option that still makes a valid config

