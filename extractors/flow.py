@@ -187,14 +187,12 @@ class RAFTFlow(FlowBackend):
         import torch
         from torchvision.models import optical_flow
 
-        from pipelines.weights import load_torchvision_weights
+        from pipelines.weights import build_seeded, load_torchvision_weights
 
         c = self.config
         self._torch = torch
         self._device = pick_device(c.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = getattr(optical_flow, c.model)(weights=None)
+        net = build_seeded(lambda: getattr(optical_flow, c.model)(weights=None))
         self._identity = load_torchvision_weights(net, c.model, c.weights, f"flow backend raft ({c.model})")
         self._net = net.eval().to(self._device)
 
@@ -582,7 +580,7 @@ class I3DFlowFeatures(Extractor):
         import torch
 
         from pipelines.errors import MissingWeightsError
-        from pipelines.weights import file_sha256, read_state_dict
+        from pipelines.weights import build_seeded, file_sha256, read_state_dict
 
         c = self.config
         what = f"{self.name} (I3D flow network)"
@@ -595,9 +593,7 @@ class I3DFlowFeatures(Extractor):
             )
         self._torch = torch
         self._device = pick_device(c.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = build_i3d(2, c.num_classes)
+        net = build_seeded(lambda: build_i3d(2, c.num_classes))
         if c.weights == "random":
             self._identity = "random"
         else:

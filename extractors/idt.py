@@ -78,7 +78,7 @@ class IDTConfig:
     codebook: str | None = None  # from `hallucinate fit-codebooks`; required unless store_raw
     codebook_sha: str | None = None  # filled in from the file; recorded with every result
     cumulative: bool = True  # also store the per-frame cumulative sums (Prop. 1)
-    knot_every: int = 4  # frames between stored cumulative sums
+    knot_every: int = 8  # frames between stored cumulative sums
     store_raw: bool = False  # the raw 426-d descriptors (large)
     chunk: int = 32
 
@@ -420,7 +420,7 @@ class IDT(Extractor):
 
     def produces(self) -> dict[str, OutputSpec]:
         out: dict[str, OutputSpec] = {}
-        if self.config.codebook is not None:
+        if self.config.codebook is not None or not self.config.store_raw:  # encoded (a codebook is required)
             out.update(
                 {
                     "bow": OutputSpec((None,), "float32", "hard-assignment word histogram (ℓ1)"),

@@ -51,15 +51,14 @@ class RGBFeatures(Extractor):
         import torch
 
         from hallucinate.backbones import create_backbone
+        from pipelines.weights import build_seeded
 
         c = self.config
         self._torch = torch
         self._device = pick_device(c.device)
-        # Seeded inside a forked RNG: a backbone without weights is random but
-        # reproducible (tests, smoke runs), and the caller's RNG is untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self._net = create_backbone(c.backbone, **c.backbone_options).eval().to(self._device)
+        # Seeded: a backbone without weights is random but reproducible (tests, smoke runs).
+        net = build_seeded(lambda: create_backbone(c.backbone, **c.backbone_options))
+        self._net = net.eval().to(self._device)
 
     def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
         torch = self._torch

@@ -9,10 +9,13 @@ stays light to import.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipelines.errors import ConfigError, MissingWeightsError
+
+T = TypeVar("T")
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pkl")
 
@@ -116,3 +119,17 @@ def create_timm_model(name: str, weights: str | None, what: str, **kwargs: Any) 
         raise MissingWeightsError(
             what, "the Hugging Face cache", f"Download failed ({exc}); pass weights=/path/to/checkpoint."
         ) from None
+
+
+def build_seeded(build: Callable[[], T], seed: int = 0) -> T:
+    """Runs ``build`` (a model constructor) in a forked torch RNG seeded with ``seed``.
+
+    Models whose weights are then not loaded (tests, ``weights=null``) are
+    random but the same on every worker and every run, and the caller's RNG
+    stream is left untouched.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
