@@ -349,23 +349,26 @@ def orientation_channels(dx: np.ndarray, dy: np.ndarray, bins: int, zero_thresho
     do. With ``zero_threshold`` an extra last bin collects vectors shorter
     than it (HOF's "no motion" bin), so that a static region still counts.
     """
-    dx = np.asarray(dx, np.float32)
-    dy = np.asarray(dy, np.float32)
-    magnitude = np.hypot(dx, dy)
-    position = (np.arctan2(dy, dx) % (2 * math.pi)) * (bins / (2 * math.pi))
-    lo = np.floor(position).astype(np.int64) % bins
-    frac = (position - np.floor(position)).astype(np.float32)
-    hi = (lo + 1) % bins
+    dx = np.ascontiguousarray(dx, np.float32)
+    dy = np.ascontiguousarray(dy, np.float32)
+    magnitude, angle = cv2.cartToPolar(dx, dy)  # angle in [0, 2π), float32, vectorised in OpenCV
+    position = angle * np.float32(bins / (2 * math.pi))
+    lo = position.astype(np.int32)  # floor: position ≥ 0
+    frac = position - lo
+    lo %= bins
+    hi = lo + 1
+    hi[hi == bins] = 0
     out = np.zeros(dx.shape + (bins + (zero_threshold is not None),), np.float32)
     moving = magnitude
     if zero_threshold is not None:
         still = magnitude < zero_threshold
-        out[..., bins] = np.where(still, 1.0, 0.0)
-        moving = np.where(still, 0.0, magnitude)
+        out[..., bins] = still
+        moving = np.where(still, np.float32(0), magnitude)
     flat = out.reshape(-1, out.shape[-1])
     rows = np.arange(flat.shape[0])
-    flat[rows, lo.reshape(-1)] += (moving * (1 - frac)).reshape(-1)
-    flat[rows, hi.reshape(-1)] += (moving * frac).reshape(-1)
+    upper = moving * frac
+    flat[rows, lo.reshape(-1)] = (moving - upper).reshape(-1)
+    flat[rows, hi.reshape(-1)] += upper.reshape(-1)
     return out
 
 

