@@ -68,6 +68,24 @@ def log_mel_mfcc(power: np.ndarray, n_mfcc: int) -> tuple[np.ndarray, np.ndarray
     return logmel, dct(logmel, axis=0, type=2, norm="ortho")[:n_mfcc]
 
 
+def audible(video: VideoInput, rate: int, silence_dbfs: float, min_samples: float):
+    """(samples, level in dBFS, None), or (None, level, a ``no_audio`` Result) for a missing or silent track.
+
+    Shared by the audio extractors, so "silent" means the same for all of
+    them and the trainer masks the same videos in every audio stream.
+    """
+    track = video.audio(AudioSpec(rate=rate))
+    if track is None:
+        return None, None, Result(flags={"no_audio": "the file has no audio stream"})
+    samples = track.samples
+    rms = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) if samples.size else 0.0
+    dbfs = 20 * np.log10(rms + 1e-12)
+    if samples.size < min_samples or dbfs < silence_dbfs:
+        flags = {"no_audio": f"silent track ({dbfs:.0f} dBFS < {silence_dbfs:.0f})"}
+        return None, dbfs, Result(flags=flags, attrs={"rms_dbfs": dbfs})
+    return samples, dbfs, None
+
+
 @dataclass
 class LogMelConfig:
     sample_rate: int = 16000
@@ -132,17 +150,11 @@ class LogMelStats(Extractor):
         from scipy.stats import skew
 
         c = self.config
-        track = video.audio(AudioSpec(rate=c.sample_rate))
-        if track is None:
-            return Result(flags={"no_audio": "the file has no audio stream"})
-        samples = track.samples
-        rms = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) if samples.size else 0.0
-        dbfs = 20 * np.log10(rms + 1e-12)
-        if samples.size < c.sample_rate * c.window_ms / 1000 or dbfs < c.silence_dbfs:
-            return Result(
-                flags={"no_audio": f"silent track ({dbfs:.0f} dBFS < {c.silence_dbfs:.0f})"},
-                attrs={"rms_dbfs": dbfs},
-            )
+        samples, dbfs, flagged = audible(
+            video, c.sample_rate, c.silence_dbfs, c.sample_rate * c.window_ms / 1000
+        )
+        if flagged is not None:
+            return flagged
         feats = self._features(samples)
         stats = np.concatenate([feats.mean(1), feats.std(1), np.nan_to_num(skew(feats, axis=1))]).astype(
             np.float32
@@ -166,3 +178,135 @@ class LogMelStats(Extractor):
             {"stats": stats, "pyramid": pyramid_vec},
             attrs={"rms_dbfs": dbfs, "audio_seconds": samples.size / c.sample_rate},
         )
+
+
+# ---------------------------------------------------------------- SoundNet-8 (the paper's AF)
+
+
+def build_soundnet8():
+    """SoundNet-8 (Aytar, Vondrick & Torralba 2016) with the common PyTorch port's names.
+
+    Written from the paper's architecture; parameter names (``conv1``,
+    ``batchnorm1`` … ``conv8``, ``conv8_2``) follow the widely used port of
+    ``soundnet8_final.t7`` (``sound8.pth``), with waveforms as (B, 1, N, 1),
+    so those checkpoints load unchanged. ``pool5`` returns the 256-channel
+    output of the fifth block, which the paper's AF averages over time.
+    """
+    from torch import nn
+
+    def block(cin, cout, kernel, stride, padding, pool=None):
+        layers = [
+            nn.Conv2d(cin, cout, (kernel, 1), (stride, 1), (padding, 0)),
+            nn.BatchNorm2d(cout, eps=1e-5, momentum=0.1),
+            nn.ReLU(True),
+        ]
+        return layers + ([nn.MaxPool2d((pool, 1), (pool, 1))] if pool else [])
+
+    spec = [  # (in, out, kernel, stride, padding, max-pool)
+        (1, 16, 64, 2, 32, 8),
+        (16, 32, 32, 2, 16, 8),
+        (32, 64, 16, 2, 8, None),
+        (64, 128, 8, 2, 4, None),
+        (128, 256, 4, 2, 2, 4),
+        (256, 512, 4, 2, 2, None),
+        (512, 1024, 4, 2, 2, None),
+    ]
+
+    class SoundNet8(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for i, args in enumerate(spec, 1):
+                conv, bn, relu, *pool = block(*args)
+                setattr(self, f"conv{i}", conv)
+                setattr(self, f"batchnorm{i}", bn)
+                setattr(self, f"relu{i}", relu)
+                if pool:
+                    setattr(self, f"maxpool{i}", pool[0])
+            self.conv8 = nn.Conv2d(1024, 1000, (8, 1), (2, 1))  # ImageNet-object head
+            self.conv8_2 = nn.Conv2d(1024, 401, (8, 1), (2, 1))  # Places-scene head
+
+        def _through(self, x, last):
+            for i in range(1, last + 1):
+                x = getattr(self, f"relu{i}")(getattr(self, f"batchnorm{i}")(getattr(self, f"conv{i}")(x)))
+                if hasattr(self, f"maxpool{i}"):
+                    x = getattr(self, f"maxpool{i}")(x)
+            return x
+
+        def pool5(self, x):
+            """(B, 256, T′, 1) for waveforms (B, 1, N, 1)."""
+            return self._through(x, 5)
+
+        def forward(self, x):
+            """Object and scene logits; the conv8 heads need about 10 s of audio or more."""
+            x = self._through(x, 7)
+            return self.conv8(x), self.conv8_2(x)
+
+    return SoundNet8()
+
+
+@dataclass
+class SoundNetConfig:
+    weights: str | None = None  # the PyTorch port's sound8.pth (required; "random" for tests)
+    sample_rate: int = 22050  # SoundNet was trained on 22.05 kHz mono
+    scale: float = 256.0  # waveforms in [-1, 1] are scaled to ±256, as in training
+    silence_dbfs: float = -60.0
+    min_seconds: float = 1.0  # shorter tracks are padded by repetition (pool5 needs ~0.75 s)
+    device: str = "auto"
+
+
+@register("audio.soundnet")
+class SoundNetAF(Extractor):
+    """The paper's AF: SoundNet-8 pool5 (256-d) averaged over time; silent or missing audio is flagged."""
+
+    version = "1"
+    Config = SoundNetConfig
+
+    def needs(self) -> Needs:
+        return Needs(audio=AudioSpec(rate=self.config.sample_rate))
+
+    def produces(self) -> dict[str, OutputSpec]:
+        return {"descriptor": OutputSpec((256,), "float32", "SoundNet-8 pool5, averaged over time")}
+
+    def setup(self) -> None:
+        import torch
+
+        from pipelines.device import pick_device
+        from pipelines.errors import ConfigError, MissingWeightsError
+        from pipelines.weights import build_seeded, file_sha256, read_state_dict
+
+        c = self.config
+        what = f"{self.name} (SoundNet-8)"
+        if not c.weights:
+            raise MissingWeightsError(
+                what,
+                "options.audio.soundnet.weights",
+                "Set it to the PyTorch port of soundnet8_final.t7 (sound8.pth); "
+                "audio.logmel needs no weights.",
+            )
+        net = build_seeded(build_soundnet8)
+        self._identity = "random"
+        if c.weights != "random":
+            try:
+                net.load_state_dict(read_state_dict(c.weights, what))
+            except RuntimeError as exc:
+                raise ConfigError(
+                    f"{what}: {c.weights} is not a SoundNet-8 checkpoint: {str(exc)[:300]}"
+                ) from None
+            self._identity = file_sha256(c.weights)
+        self._torch = torch
+        self._device = pick_device(c.device)
+        self._net = net.eval().to(self._device)
+
+    def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
+        torch, c = self._torch, self.config
+        samples, dbfs, flagged = audible(video, c.sample_rate, c.silence_dbfs, 1)
+        if flagged is not None:
+            return flagged
+        need = int(c.min_seconds * c.sample_rate)
+        if samples.size < need:
+            samples = np.tile(samples, -(-need // samples.size))
+        x = torch.from_numpy(samples.astype(np.float32) * c.scale).view(1, 1, -1, 1).to(self._device)
+        with torch.inference_mode():
+            pool5 = self._net.pool5(x)[0, :, :, 0].float().cpu().numpy()  # (256, T′)
+        attrs = {"weights": self._identity, "rms_dbfs": dbfs, "pool5_steps": pool5.shape[1]}
+        return Result({"descriptor": pool5.mean(1).astype(np.float32)}, attrs=attrs)

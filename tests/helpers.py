@@ -202,6 +202,7 @@ def deep_extractor_options(folder: Path) -> dict[str, dict]:
     }
     options["off.i3d"] = {"weights": str(save_i3d(folder / "flow_i3d.pt")), "clip_frames": 8, "size": 64}
     options["idt"] = {"codebook": str(save_codebook(folder))}
+    options["audio.soundnet"] = {"weights": str(save_soundnet(folder / "sound8.pth")), "device": "cpu"}
     options["odf.yolo"] = {
         "fps": 2.0,
         "score_threshold": 0.0,
@@ -240,3 +241,14 @@ def save_codebook(folder: Path, components: int = 4, words: int = 8) -> Path:
 
     x = np.random.default_rng(0).random((400, 426))
     return fit_codebook(x, components, words, seed=0, gmm_iterations=20).save(folder, "test")
+
+
+def save_soundnet(path: Path) -> Path:
+    """A randomly initialised SoundNet-8 saved as the PyTorch port's sound8.pth state dict."""
+    import torch
+
+    from extractors.audio import build_soundnet8
+
+    torch.manual_seed(0)
+    torch.save(build_soundnet8().state_dict(), path)
+    return path

@@ -155,3 +155,35 @@ def test_mel_power_log_and_mfcc_match_librosa():
     ref_db = librosa.power_to_db(ref, ref=1.0, amin=1e-10, top_db=None)
     np.testing.assert_allclose(logmel, ref_db, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(mfcc, librosa.feature.mfcc(S=ref_db, n_mfcc=20), rtol=1e-4, atol=1e-3)
+
+
+# ---------------------------------------------------------------- audio.soundnet
+
+
+def test_soundnet_loads_the_port_layout_and_averages_pool5(broken, tmp_path):
+    import torch
+
+    from extractors.audio import build_soundnet8
+    from pipelines.errors import MissingWeightsError
+    from tests.helpers import save_soundnet
+
+    path = save_soundnet(tmp_path / "sound8.pth")
+    state = torch.load(path, weights_only=True)
+    for key in ("conv1.weight", "batchnorm1.running_var", "conv5.bias", "conv8.weight", "conv8_2.bias"):
+        assert key in state
+    assert state["conv8_2.weight"].shape == (401, 1024, 8, 1)
+    ex = create_extractor("audio.soundnet", weights=str(path), device="cpu")
+    ex.setup()
+    result = ex.process(VideoSource("v", str(broken["good"])), {})
+    samples = VideoSource("v", str(broken["good"])).audio(ex.needs().audio).samples
+    net = build_soundnet8().eval()
+    net.load_state_dict(state)
+    with torch.no_grad():
+        want = net.pool5(torch.from_numpy(samples * 256).view(1, 1, -1, 1))[0, :, :, 0].mean(1).numpy()
+    np.testing.assert_allclose(result.arrays["descriptor"], want, rtol=1e-4, atol=1e-5)
+    assert result.attrs["pool5_steps"] > 5  # 4 s at 22.05 kHz
+    for kind in ("silent", "no_audio"):
+        flagged = ex.process(VideoSource(kind, str(broken[kind])), {})
+        assert "no_audio" in flagged.flags and not flagged.arrays
+    with pytest.raises(MissingWeightsError, match="sound8.pth"):
+        create_extractor("audio.soundnet").setup()
