@@ -78,6 +78,7 @@ bench: install
 	$(BIN)/python -m benchmarks.bench_training
 	$(BIN)/python -m benchmarks.bench_detectors
 	$(BIN)/python -m benchmarks.bench_saliency
+	$(BIN)/python -m benchmarks.bench_motion
 
 lint: install
 	$(BIN)/ruff check .
