@@ -271,28 +271,18 @@ class SoundNetAF(Extractor):
         import torch
 
         from pipelines.device import pick_device
-        from pipelines.errors import ConfigError, MissingWeightsError
-        from pipelines.weights import build_seeded, file_sha256, read_state_dict
+        from pipelines.weights import build_seeded, load_required_checkpoint
 
         c = self.config
-        what = f"{self.name} (SoundNet-8)"
-        if not c.weights:
-            raise MissingWeightsError(
-                what,
-                "options.audio.soundnet.weights",
-                "Set it to the PyTorch port of soundnet8_final.t7 (sound8.pth); "
-                "audio.logmel needs no weights.",
-            )
         net = build_seeded(build_soundnet8)
-        self._identity = "random"
-        if c.weights != "random":
-            try:
-                net.load_state_dict(read_state_dict(c.weights, what))
-            except RuntimeError as exc:
-                raise ConfigError(
-                    f"{what}: {c.weights} is not a SoundNet-8 checkpoint: {str(exc)[:300]}"
-                ) from None
-            self._identity = file_sha256(c.weights)
+        self._identity = load_required_checkpoint(
+            net,
+            c.weights,
+            f"{self.name} (SoundNet-8)",
+            "options.audio.soundnet.weights",
+            "Set it to the PyTorch port of soundnet8_final.t7 (sound8.pth); audio.logmel needs no weights.",
+            "a SoundNet-8 checkpoint",
+        )
         self._torch = torch
         self._device = pick_device(c.device)
         self._net = net.eval().to(self._device)

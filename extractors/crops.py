@@ -19,7 +19,7 @@ import numpy as np
 from pipelines.device import pick_device
 from pipelines.errors import ConfigError
 from pipelines.registry import Registry
-from pipelines.weights import create_timm_model, file_sha256, load_torchvision_weights, read_state_dict
+from pipelines.weights import create_timm_model, file_sha256, read_state_dict, torchvision_model
 
 
 def crop_boxes(frame: np.ndarray, boxes: np.ndarray, min_px: int = 2) -> list[np.ndarray]:
@@ -160,15 +160,10 @@ class TorchvisionClassifier(_Classifier):
     Config = TorchvisionClassifierConfig
 
     def _build(self):
-        from torchvision.models import get_model
-
         c = self.config
-        what = f"crop classifier {c.model}"
-        try:
-            model = get_model(c.model, weights=None, num_classes=c.num_classes)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{what}: {exc}") from None
-        self._hash = load_torchvision_weights(model, c.model, c.weights, what)
+        model, self._hash = torchvision_model(
+            c.model, c.weights, f"crop classifier {c.model}", num_classes=c.num_classes
+        )
         return model, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), c.size)
 
 

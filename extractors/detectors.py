@@ -28,7 +28,7 @@ import numpy as np
 from pipelines.device import pick_device
 from pipelines.errors import ConfigError, MissingWeightsError
 from pipelines.registry import Registry
-from pipelines.weights import file_sha256, load_torchvision_weights
+from pipelines.weights import file_sha256, torchvision_model
 
 # The shared label space: name -> [first slot, end slot). COCO keeps its
 # sparse 1..90 ids as slots (slot 0 stays empty, METHOD.md §7.9).
@@ -251,16 +251,17 @@ class TorchvisionDetector(Detector):
 
     def setup(self) -> None:
         import torch
-        from torchvision.models import get_model
 
         c = self.config
         kwargs = {k: v for k, v in (("min_size", c.min_size), ("max_size", c.max_size)) if v is not None}
-        what = f"torchvision detector {c.model}"
-        try:
-            model = get_model(c.model, weights=None, weights_backbone=None, num_classes=91, **kwargs)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{what}: {exc}") from None
-        self._weights_hash = load_torchvision_weights(model, c.model, c.weights, what)
+        model, self._weights_hash = torchvision_model(
+            c.model,
+            c.weights,
+            f"torchvision detector {c.model}",
+            weights_backbone=None,
+            num_classes=91,
+            **kwargs,
+        )
         self._device = pick_device(c.device)
         self._model = model.eval().to(self._device)
         self._torch = torch

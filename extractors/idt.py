@@ -46,13 +46,20 @@ import numpy as np
 
 from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
 from extractors.codebooks import PARTS, Codebook, encode_cumulative, finish_bow, finish_fv
-from extractors.flow import HOF_ZERO, flow_input, orientation_channels, root_normalise
+from extractors.flow import (
+    MOTION_CHANNELS,
+    flow_input,
+    image_gradients,
+    motion_channels,
+    orientation_channels,
+    root_normalise,
+)
 from extractors.registry import register
 from pipelines.errors import ConfigError
 
 DESCRIPTOR_DIM = sum(d for _, d in PARTS)  # 426
 HOG_BINS, HOF_BINS, MBH_BINS = 8, 9, 8  # HOF: 8 orientations + "no motion"
-CHANNELS = HOG_BINS + HOF_BINS + 2 * MBH_BINS  # 33 integral-histogram channels a frame
+CHANNELS = HOG_BINS + MOTION_CHANNELS  # 33 integral-histogram channels a frame
 PERSON_SLOTS = (1, 171)  # COCO "person" and the HOG person detector's slot (extractors.detectors)
 
 
@@ -181,21 +188,7 @@ def _median(flow: np.ndarray) -> np.ndarray:
 
 def _channels(grey: np.ndarray, warped: np.ndarray) -> np.ndarray:
     """Integral histogram (h+1, w+1, 33) of HOG, HOF, MBHx and MBHy channels of one frame."""
-    gx = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=1)
-    gy = cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=1)
-    parts = [
-        orientation_channels(gx, gy, HOG_BINS),
-        orientation_channels(warped[..., 0], warped[..., 1], 8, HOF_ZERO),
-    ]
-    for k in range(2):
-        comp = np.ascontiguousarray(warped[..., k])
-        parts.append(
-            orientation_channels(
-                cv2.Sobel(comp, cv2.CV_32F, 1, 0, ksize=1),
-                cv2.Sobel(comp, cv2.CV_32F, 0, 1, ksize=1),
-                MBH_BINS,
-            )
-        )
+    parts = [orientation_channels(*image_gradients(grey), HOG_BINS), motion_channels(warped)]
     # cv2.integral takes all 33 channels at once, ~5x faster than two numpy cumsums.
     return cv2.integral(np.concatenate(parts, -1), sdepth=cv2.CV_64F).reshape(
         grey.shape[0] + 1, grey.shape[1] + 1, CHANNELS

@@ -83,6 +83,28 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def load_required_checkpoint(
+    model: Any, weights: str | None, what: str, option: str, hint: str, layout: str
+) -> str:
+    """Loads a user's state-dict checkpoint into ``model``, for nets whose random form is no target.
+
+    ``weights`` unset stops with ``hint`` (where to get the file, set at
+    ``option``); ``"random"`` keeps the random weights (tests) and says so
+    in the identity; a file that does not fit says it is not ``layout``.
+    Returns what to record as the weights' identity (the file's hash, or
+    ``"random"``).
+    """
+    if not weights:
+        raise MissingWeightsError(what, option, hint)
+    if weights == "random":
+        return "random"
+    try:
+        model.load_state_dict(read_state_dict(weights, what))
+    except RuntimeError as exc:
+        raise ConfigError(f"{what}: {weights} is not {layout}: {str(exc)[:300]}") from None
+    return file_sha256(weights)
+
+
 def load_torchvision_weights(model: Any, model_name: str, weights: str | None, what: str) -> str:
     """Loads ``weights`` into a torchvision ``model``: a file, a member of the
     model's weights enum (``DEFAULT``, ``COCO_V1``) from torchvision's cache,
@@ -102,6 +124,19 @@ def load_torchvision_weights(model: Any, model_name: str, weights: str | None, w
     except RuntimeError as exc:
         raise ConfigError(f"{what}: the weights do not fit the model: {str(exc)[:300]}") from None
     return identity
+
+
+def torchvision_model(name: str, weights: str | None, what: str, **kwargs: Any) -> tuple[Any, str]:
+    """``torchvision.models.get_model(name, weights=None, **kwargs)`` with ``weights`` loaded as
+    :func:`load_torchvision_weights` does; a bad architecture argument names ``what``.
+    Returns the model and its weights' identity."""
+    from torchvision.models import get_model
+
+    try:
+        model = get_model(name, weights=None, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    return model, load_torchvision_weights(model, name, weights, what)
 
 
 def create_timm_model(name: str, weights: str | None, what: str, **kwargs: Any) -> Any:
