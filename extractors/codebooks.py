@@ -16,6 +16,7 @@ the temporal crop it samples without re-encoding anything.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -113,8 +114,6 @@ class Codebook:
             **arrays,
         )
         data = buf.getvalue()
-        import hashlib
-
         sha = hashlib.sha256(data).hexdigest()[:16]
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -152,16 +152,24 @@ class ClipDataset(Dataset):
             return target
         return torch.tensor(record.labels[0] if record.labels else -1)
 
-    def _pooled(self, video_id: str, stream: str, span: tuple[float, float]) -> np.ndarray | None:
-        """Prop. 1: the stream's descriptor over the frames in ``span`` when running sums are stored."""
+    def _pooled(
+        self, video_id: str, stream: str, span: tuple[float, float], shared: dict
+    ) -> np.ndarray | None:
+        """Prop. 1: the stream's descriptor over the frames in ``span`` when running sums are stored.
+
+        ``shared`` holds, per extractor, the arrays its streams have in
+        common (knots, counts, frame times), so they are read once a clip.
+        """
         extractor, _, output = stream.rpartition("/")
         if output not in FINISHERS:
             return None
         try:
-            cum = {
-                k: self.reader.get(video_id, f"{extractor}/{k}")
-                for k in ("knot_frames", "count_cum", f"{output}_cum", TIMESTAMPS)
-            }
+            if extractor not in shared:
+                shared[extractor] = {
+                    k: self.reader.get(video_id, f"{extractor}/{k}")
+                    for k in ("knot_frames", "count_cum", TIMESTAMPS)
+                }
+            cum = {**shared[extractor], f"{output}_cum": self.reader.get(video_id, f"{stream}_cum")}
         except KeyError:  # stored without running sums (cumulative=false)
             return None
         times = cum[TIMESTAMPS]
@@ -174,12 +182,13 @@ class ClipDataset(Dataset):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Each stream's target for the video, or for the frames in ``span`` (seconds) where poolable."""
         gt, mask = {}, torch.zeros(len(self.streams), dtype=torch.bool)
+        shared: dict = {}
         for i, stream in enumerate(self.streams):
             extractor = stream.name.rpartition("/")[0]
             try:
                 if self.reader.flags(record.video_id, extractor):  # e.g. the zero ODF of a box-less video
                     raise KeyError(stream.name)
-                value = self._pooled(record.video_id, stream.name, span) if span is not None else None
+                value = self._pooled(record.video_id, stream.name, span, shared) if span is not None else None
                 if value is None:
                     value = self.reader.get(record.video_id, stream.name)
                 gt[stream.name] = torch.from_numpy(value.astype(np.float32).reshape(-1))

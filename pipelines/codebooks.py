@@ -13,6 +13,7 @@ and skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -27,31 +28,41 @@ from pipelines.config import to_plain
 from pipelines.errors import ConfigError, HallucinateError
 
 
-def _descriptors(args) -> tuple[str, np.ndarray | None, str | None]:
-    """Runs the extractors idt depends on, then idt's tracker, on one video (in a worker)."""
-    specs, video_id, path, cap, seed = args
+def _descriptors(args) -> list[tuple[str, np.ndarray | None, str | None]]:
+    """Runs the extractors idt depends on, then idt's tracker, on a chunk of videos (in a worker).
+
+    The extractors are set up once per chunk (RAFT flow loads a model), and
+    a failing video is named and skipped; the fit goes on with the others.
+    """
+    specs, videos, cap, seed = args
     from extractors.base import Result
     from pipelines.decode import VideoSource
     from pipelines.runner import ExtractorPool, dependency_order
 
-    pool = ExtractorPool()  # per video: flow and IDT set up in microseconds (DIS, no weights)
-    extractors = {s.cls.name: pool.get(s) for s in specs}
-    video = VideoSource(video_id, path)
-    results: dict[str, Result] = {}
+    pool = ExtractorPool()
+    out = []
     try:
-        for name in dependency_order(extractors):
-            inputs = {d: results[d] for d in extractors[name].needs().inputs}
-            if name == "idt":
-                x = extractors[name].trajectories(video, inputs).descriptors
-            else:
-                results[name] = extractors[name].process(video, inputs)
-    except Exception as exc:  # named and skipped; the fit goes on with the other videos
-        return video_id, None, f"{path}: {type(exc).__name__}: {exc}"
+        extractors = {s.cls.name: pool.get(s) for s in specs}
+        order = dependency_order(extractors)
+        for video_id, path in videos:
+            video = VideoSource(video_id, path)
+            results: dict[str, Result] = {}
+            try:
+                for name in order:
+                    inputs = {d: results[d] for d in extractors[name].needs().inputs}
+                    if name == "idt":
+                        x = extractors[name].trajectories(video, inputs).descriptors
+                    else:
+                        results[name] = extractors[name].process(video, inputs)
+            except Exception as exc:
+                out.append((video_id, None, f"{path}: {type(exc).__name__}: {exc}"))
+                continue
+            if len(x) > cap:
+                x = x[np.random.default_rng([seed, len(x)]).choice(len(x), cap, replace=False)]
+            out.append((video_id, x, None))
     finally:
         pool.close()
-    if len(x) > cap:
-        x = x[np.random.default_rng([seed, len(x)]).choice(len(x), cap, replace=False)]
-    return video_id, x, None
+    return out
 
 
 def fit_codebooks(cfg) -> Path:
@@ -72,24 +83,23 @@ def fit_codebooks(cfg) -> Path:
     chosen = [pool[i] for i in sorted(rng.choice(len(pool), min(cfg.videos, len(pool)), replace=False))]
     cap = max(1, -(-cfg.descriptors // len(chosen)) * 4)  # per video, before the final uniform draw
     workers = cfg.workers if cfg.workers is not None else (os.cpu_count() or 1)
-    jobs = [(specs, r.video_id, r.path, cap, cfg.seed) for r in chosen]
+    size = max(1, min(8, len(chosen) // (4 * max(workers, 1))))  # chunks: setup once, progress often
+    jobs = [
+        (specs, [(r.video_id, r.path) for r in chosen[i : i + size]], cap, cfg.seed)
+        for i in range(0, len(chosen), size)
+    ]
     parts, failures = [], []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(jobs), desc="idt for codebooks", unit="video", disable=not cfg.progress)
-    if workers <= 1:
-        results = map(_descriptors, jobs)
-    else:
-        executor = ProcessPoolExecutor(workers)
-        results = executor.map(_descriptors, jobs)
-    for _, x, error in results:
-        bar.update(1)
-        if error:
-            failures.append(error)
-        elif len(x):
-            parts.append(x)
+    bar = tqdm(total=len(chosen), desc="idt for codebooks", unit="video", disable=not cfg.progress)
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as executor:
+        for chunk in (executor.map if executor else map)(_descriptors, jobs):
+            for _, x, error in chunk:
+                bar.update(1)
+                if error:
+                    failures.append(error)
+                elif len(x):
+                    parts.append(x)
     bar.close()
-    if workers > 1:
-        executor.shutdown()
     for error in failures:
         print(f"skipped {error}", file=sys.stderr)
     if not parts:
