@@ -17,6 +17,10 @@ BIN := $(VENV)/bin
 HALLUCINATE := $(BIN)/hallucinate
 DATASET ?= demo
 OPENCV := opencv-contrib-python-headless==5.0.0.93
+# The last release whose wheel bundles the pose models (see shared/ENVIRONMENT.md);
+# --no-deps because its metadata pulls jax and the non-headless OpenCV. Its
+# runtime deps (absl-py, attrs, flatbuffers, protobuf<5) are in pyproject.toml.
+MEDIAPIPE := mediapipe==0.10.14
 
 # Only the variables that are set become key=value overrides.
 EXTRACT_ARGS := dataset=$(DATASET) \
@@ -39,8 +43,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install --no-deps $(MEDIAPIPE)
 	$(BIN)/pip install --force-reinstall --no-deps $(OPENCV)
 	$(BIN)/python -c "import cv2; cv2.saliency; import torch, torchvision, av, h5py, distributed"
+	$(BIN)/python -c "import mediapipe; mediapipe.solutions.pose"
 	touch $@
 
 # alpha=0.05: on the demo's 180 training clips, hallucination steps as large

@@ -5,7 +5,7 @@ import only light dependencies at the top, and anything heavy (torch,
 librosa, model weights) inside ``setup``/``process``.
 """
 
-from extractors import audio, flow, idt, odf, rgb, saliency  # noqa: F401  (registers audio.*, flow, idt, off.*, odf.*, rgb.*, sdf.*)
+from extractors import audio, flow, idt, odf, pose, rgb, saliency  # noqa: F401  (registers audio.*, flow, idt, off.*, odf.*, pose.*, rgb.*, sdf.*)
 from extractors.base import (
     AudioSpec,
     AudioTrack,

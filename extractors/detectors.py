@@ -39,6 +39,8 @@ LABEL_RANGES: dict[str, tuple[int, int]] = {
     "moving_object": (172, 173),
 }
 LABEL_SLOTS = 173
+# Slots that are people: COCO "person" (1) and the HOG person detector's slot.
+PERSON_SLOTS = (1, LABEL_RANGES["hog_person"][0])
 
 # YOLO / detectron2 contiguous COCO-80 index -> COCO id (= slot).
 COCO80_TO_91 = np.array(
@@ -60,6 +62,18 @@ class Detections:
     @staticmethod
     def empty() -> Detections:
         return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+
+def person_boxes_by_frame(boxes: np.ndarray, width: int, height: int) -> dict[int, np.ndarray]:
+    """Frame index → (k, 4) pixel boxes of people, from an ODF extractor's stored ``boxes`` table.
+
+    IDT masks people out of its camera-motion estimate and top-down pose
+    backends crop them, so both read the person rows of whichever detection
+    extractor the user names.
+    """
+    people = boxes[np.isin(boxes[:, 1].astype(int), PERSON_SLOTS)]
+    scale = np.array([width, height, width, height], np.float32)
+    return {int(f): people[people[:, 0] == f, 3:7] * scale for f in np.unique(people[:, 0])}
 
 
 def _detections(boxes: Any, scores: Any, slots: Any, width: int, height: int) -> Detections:
@@ -300,6 +314,36 @@ def _ultralytics_environment() -> None:
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "hallucinate" / "ultralytics"))
 
 
+def load_ultralytics(model: str, what: str) -> tuple[Any, str]:
+    """An ultralytics ``YOLO`` from a checkpoint path, a model name (downloaded once) or a yaml.
+
+    Shared by the detection and pose backends. Returns the model and its
+    identity (the file's hash, or the name); a missing file or a failed
+    download says where to put the checkpoint.
+    """
+    local = Path(model).is_file()
+    if not local and (Path(model).suffix == ".pt" and "/" in model):
+        raise MissingWeightsError(what, model, "Put the checkpoint there, or set model=... to its path.")
+    _ultralytics_environment()
+    if local:
+        os.environ.setdefault("YOLO_OFFLINE", "1")
+    try:
+        from ultralytics import YOLO
+    except ImportError:
+        raise ConfigError(
+            f"{what}: ultralytics is not installed; `pip install ultralytics-opencv-headless`"
+        ) from None
+    try:
+        net = YOLO(model)
+    except (OSError, ConnectionError, FileNotFoundError) as exc:
+        raise MissingWeightsError(
+            what,
+            model,
+            f"It could not be loaded or downloaded ({exc}). Download it once, set model=/path/to/it.pt.",
+        ) from None
+    return net, file_sha256(model) if local else model
+
+
 @DETECTORS.register("ultralytics")
 class UltralyticsDetector(Detector):
     """Any ultralytics YOLO detection model; COCO-80 models map into the COCO slots."""
@@ -310,28 +354,7 @@ class UltralyticsDetector(Detector):
     def setup(self) -> None:
         c = self.config
         what = f"ultralytics model {c.model}"
-        local = Path(c.model).is_file()
-        if not local and (Path(c.model).suffix == ".pt" and "/" in c.model):
-            raise MissingWeightsError(
-                what, c.model, "Put the checkpoint there, or set model=... to its path."
-            )
-        _ultralytics_environment()
-        if local:
-            os.environ.setdefault("YOLO_OFFLINE", "1")
-        try:
-            from ultralytics import YOLO
-        except ImportError:
-            raise ConfigError(
-                f"{what}: ultralytics is not installed; `pip install ultralytics-opencv-headless`"
-            ) from None
-        try:
-            self._model = YOLO(c.model)
-        except (OSError, ConnectionError, FileNotFoundError) as exc:
-            raise MissingWeightsError(
-                what,
-                c.model,
-                f"It could not be loaded or downloaded ({exc}). Download it once, set model=/path/to/it.pt.",
-            ) from None
+        self._model, self._hash = load_ultralytics(c.model, what)
         names = getattr(self._model, "names", {}) or {}
         if len(names) != 80:
             raise ConfigError(
@@ -339,7 +362,6 @@ class UltralyticsDetector(Detector):
                 "models only. Register a detector backend with its own label range for other models."
             )
         self._device = pick_device(c.device)
-        self._hash = file_sha256(c.model) if local else c.model
 
     def detect(self, frames: np.ndarray) -> list[Detections]:
         c = self.config

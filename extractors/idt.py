@@ -46,6 +46,7 @@ import numpy as np
 
 from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
 from extractors.codebooks import PARTS, Codebook, encode_cumulative, finish_bow, finish_fv
+from extractors.detectors import person_boxes_by_frame
 from extractors.flow import (
     MOTION_CHANNELS,
     flow_input,
@@ -60,7 +61,6 @@ from pipelines.errors import ConfigError
 DESCRIPTOR_DIM = sum(d for _, d in PARTS)  # 426
 HOG_BINS, HOF_BINS, MBH_BINS = 8, 9, 8  # HOF: 8 orientations + "no motion"
 CHANNELS = HOG_BINS + MOTION_CHANNELS  # 33 integral-histogram channels a frame
-PERSON_SLOTS = (1, 171)  # COCO "person" and the HOG person detector's slot (extractors.detectors)
 
 
 @dataclass
@@ -447,7 +447,8 @@ class IDT(Extractor):
         boxes = None
         frames = (f for batch in video.frames(self.needs().frames, chunk=c.chunk) for f in batch.frames)
         if c.person_boxes is not None:
-            boxes = _person_boxes(inputs[c.person_boxes], flow.shape[2], flow.shape[1])
+            table = inputs[c.person_boxes].arrays.get("boxes", np.zeros((0, 7), np.float32))
+            boxes = person_boxes_by_frame(table, flow.shape[2], flow.shape[1])
         return dense_trajectories(frames, flow, c, boxes)
 
     def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
@@ -476,11 +477,3 @@ class IDT(Extractor):
             if c.cumulative:
                 arrays.update(cum)
         return Result(arrays, flags=flags, attrs=attrs)
-
-
-def _person_boxes(result: Result, width: int, height: int) -> dict[int, np.ndarray]:
-    """Frame → (k, 4) pixel boxes of people from a detection extractor's ``boxes`` table."""
-    boxes = result.arrays.get("boxes", np.zeros((0, 7), np.float32))
-    people = boxes[np.isin(boxes[:, 1].astype(int), PERSON_SLOTS)]
-    scale = np.array([width, height, width, height], np.float32)
-    return {int(f): people[people[:, 0] == f, 3:7] * scale for f in np.unique(people[:, 0])}

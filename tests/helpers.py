@@ -203,6 +203,19 @@ def deep_extractor_options(folder: Path) -> dict[str, dict]:
     options["off.i3d"] = {"weights": str(save_i3d(folder / "flow_i3d.pt")), "clip_frames": 8, "size": 64}
     options["idt"] = {"codebook": str(save_codebook(folder))}
     options["audio.soundnet"] = {"weights": str(save_soundnet(folder / "sound8.pth")), "device": "cpu"}
+    # min_confidence 0: the random pose net's keypoints still make skeleton rows.
+    options["pose.skeleton"] = {
+        "fps": 4.0,
+        "min_confidence": 0.0,
+        "backend": {
+            "name": "ultralytics",
+            "model": str(save_yolo_pose(folder / "yolov8n-pose.pt")),
+            "imgsz": 128,
+            "conf": 0.0,
+            "device": "cpu",
+        },
+    }
+    options["pose.stgcn"] = {"weights": str(save_stgcn(folder / "st_gcn.kinetics.pt")), "device": "cpu"}
     options["odf.yolo"] = {
         "fps": 2.0,
         "score_threshold": 0.0,
@@ -241,6 +254,29 @@ def save_codebook(folder: Path, components: int = 4, words: int = 8) -> Path:
 
     x = np.random.default_rng(0).random((400, 426))
     return fit_codebook(x, components, words, seed=0, gmm_iterations=20).save(folder, "test")
+
+
+def save_yolo_pose(path: Path) -> Path:
+    """A randomly initialised YOLOv8n-pose (COCO-17 keypoints), saved as a user's .pt checkpoint."""
+    from extractors.detectors import _ultralytics_environment
+
+    _ultralytics_environment()
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from ultralytics import YOLO
+
+    YOLO("yolov8n-pose.yaml").save(str(path))
+    return path
+
+
+def save_stgcn(path: Path, num_class: int = 400) -> Path:
+    """A randomly initialised ST-GCN saved as a state dict in the Kinetics-skeleton checkpoint layout."""
+    import torch
+
+    from extractors.pose import build_stgcn
+
+    torch.manual_seed(0)
+    torch.save(build_stgcn(num_class).state_dict(), path)
+    return path
 
 
 def save_soundnet(path: Path) -> Path:
