@@ -33,7 +33,7 @@ EXTRACT_ARGS := dataset=$(DATASET) \
 	$(if $(DATA_ROOT),data_root=$(DATA_ROOT)) \
 	$(ARGS)
 
-.PHONY: install demo extract train evaluate inspect test bench lint clean
+.PHONY: install install-mmpose demo extract train evaluate inspect test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,21 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "import cv2; cv2.saliency; import torch, torchvision, av, h5py, distributed"
 	$(BIN)/python -c "import mediapipe; mediapipe.solutions.pose"
 	touch $@
+
+# Optional: mmpose for backend.name=mmpose (top-down pose on detector boxes).
+# mmcv 2.1.0 is compiled from its sdist (about 10 minutes on 2 cores; mmdet 3.3
+# refuses mmcv 2.2); --no-deps keeps the non-headless OpenCV and chumpy out, and
+# xtcocotools is rebuilt against numpy 2. Never needed by the tests or the demo.
+MMCV_WHEELS ?= .wheels
+install-mmpose: install
+	$(BIN)/pip install "setuptools<81" wheel ninja cython
+	MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=2 $(BIN)/pip wheel --no-build-isolation --no-deps \
+		mmcv==2.1.0 -w $(MMCV_WHEELS)
+	$(BIN)/pip install --no-deps $(MMCV_WHEELS)/mmcv-2.1.0-*.whl mmengine==0.10.7 mmdet==3.3.0 mmpose==1.3.2
+	$(BIN)/pip install addict yapf termcolor rich json_tricks munkres pycocotools shapely terminaltables
+	$(BIN)/pip install --no-build-isolation --no-binary xtcocotools --no-deps xtcocotools
+	$(BIN)/pip install --force-reinstall --no-deps $(OPENCV)
+	$(BIN)/python -c "from mmpose.apis import inference_topdown, init_model"
 
 # alpha=0.05: on the demo's 180 training clips, hallucination steps as large
 # as the classification steps (the paper's alpha=1) swamp the shared backbone;
@@ -85,6 +100,7 @@ bench: install
 	$(BIN)/python -m benchmarks.bench_detectors
 	$(BIN)/python -m benchmarks.bench_saliency
 	$(BIN)/python -m benchmarks.bench_motion
+	$(BIN)/python -m benchmarks.bench_pose_audio
 
 lint: install
 	$(BIN)/ruff check .
