@@ -49,8 +49,10 @@ def person_frames(n: int, width: int, height: int) -> np.ndarray:
     image = cv2.imread(str(Path(ultralytics.__file__).parent / "assets" / "zidane.jpg"))[:, :, ::-1]
     out = []
     for i in range(n):
-        crop = image[:, 560 - 2 * i : 1240 - 2 * i]  # 680 wide, the right-hand person
-        out.append(cv2.resize(np.ascontiguousarray(crop), (width, height)))
+        crop = image[:, 600 - 2 * i : 1200 - 2 * i]  # 600x720: the right-hand person only
+        canvas = np.full((720, 960, 3), 114, np.uint8)  # letterboxed to 4:3, not stretched
+        canvas[:, 180:780] = crop
+        out.append(cv2.resize(canvas, (width, height), interpolation=cv2.INTER_AREA))
     return np.stack(out)
 
 
@@ -107,8 +109,11 @@ def main() -> None:
         frames = person_frames(args.frames, width, height)
         mp_backend = POSE_BACKENDS.get("mediapipe")(POSE_BACKENDS.get("mediapipe").Config())
         mp_backend.setup()
+        mp_backend.estimate(frames[:8])  # warm-up, then a fresh video
         mp_backend.reset()
-        seconds, poses = timed(mp_backend.estimate, frames)
+        t0 = time.perf_counter()
+        poses = mp_backend.estimate(frames)
+        seconds = time.perf_counter() - t0
         found = sum(len(p.boxes) for p in poses)
         rows.append([f"mediapipe pose {width}x{height}", "cpu", len(frames), seconds, len(frames) / seconds])
         rows[-1].append(f"person in {found}/{len(frames)} frames")
