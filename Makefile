@@ -50,16 +50,23 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Optional: mmpose for backend.name=mmpose (top-down pose on detector boxes).
-# mmcv 2.1.0 is compiled from its sdist (about 10 minutes on 2 cores; mmdet 3.3
-# refuses mmcv 2.2); --no-deps keeps the non-headless OpenCV and chumpy out, and
-# xtcocotools is rebuilt against numpy 2. Never needed by the tests or the demo.
-MMCV_WHEELS ?= .wheels
+# mmcv 2.1.0 (mmdet 3.3 refuses 2.2) is compiled from its sdist with its ops,
+# which mmpose imports. torch 2.14's headers need C++20, and mmcv's setup.py
+# asks for C++14/17, so the flag is patched first. About 20-30 minutes on 2
+# cores. --no-deps keeps the non-headless OpenCV and chumpy out; xtcocotools
+# is built against our numpy. Never needed by the tests or the demo.
+MMCV_BUILD ?= .wheels
 install-mmpose: install
 	$(BIN)/pip install "setuptools<81" wheel ninja cython
-	MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=2 $(BIN)/pip wheel --no-build-isolation --no-deps \
-		mmcv==2.1.0 -w $(MMCV_WHEELS)
-	$(BIN)/pip install --no-deps $(MMCV_WHEELS)/mmcv-2.1.0-*.whl mmengine==0.10.7 mmdet==3.3.0 mmpose==1.3.2
-	$(BIN)/pip install addict yapf termcolor rich json_tricks munkres pycocotools shapely terminaltables
+	rm -rf $(MMCV_BUILD)/mmcv-2.1.0 && mkdir -p $(MMCV_BUILD)
+	$(BIN)/pip download --no-deps --no-binary :all: mmcv==2.1.0 -d $(MMCV_BUILD)
+	tar xzf $(MMCV_BUILD)/mmcv-2.1.0.tar.gz -C $(MMCV_BUILD)
+	sed -i "s/-std=c++1[47]/-std=c++20/g" $(MMCV_BUILD)/mmcv-2.1.0/setup.py
+	cd $(MMCV_BUILD)/mmcv-2.1.0 && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=2 \
+		$(CURDIR)/$(BIN)/pip wheel --no-build-isolation --no-deps . -w $(CURDIR)/$(MMCV_BUILD)
+	$(BIN)/pip install --no-deps $(MMCV_BUILD)/mmcv-2.1.0-*.whl mmengine==0.10.7 mmdet==3.3.0 mmpose==1.3.2
+	$(BIN)/pip install --no-deps addict yapf termcolor json_tricks munkres pycocotools shapely \
+		terminaltables six tomli
 	$(BIN)/pip install --no-build-isolation --no-binary xtcocotools --no-deps xtcocotools
 	$(BIN)/pip install --force-reinstall --no-deps $(OPENCV)
 	$(BIN)/python -c "from mmpose.apis import inference_topdown, init_model"
