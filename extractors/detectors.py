@@ -64,13 +64,14 @@ class Detections:
         return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
 
-def person_boxes_by_frame(boxes: np.ndarray, width: int, height: int) -> dict[int, np.ndarray]:
-    """Frame index → (k, 4) pixel boxes of people, from an ODF extractor's stored ``boxes`` table.
+def person_boxes_by_frame(result: Any, width: int, height: int) -> dict[int, np.ndarray]:
+    """Frame index → (k, 4) pixel boxes of people, from an ODF result's ``boxes`` table.
 
     IDT masks people out of its camera-motion estimate and top-down pose
     backends crop them, so both read the person rows of whichever detection
     extractor the user names.
     """
+    boxes = result.arrays.get("boxes", np.zeros((0, 7), np.float32))
     people = boxes[np.isin(boxes[:, 1].astype(int), PERSON_SLOTS)]
     scale = np.array([width, height, width, height], np.float32)
     return {int(f): people[people[:, 0] == f, 3:7] * scale for f in np.unique(people[:, 0])}

@@ -447,8 +447,7 @@ class IDT(Extractor):
         boxes = None
         frames = (f for batch in video.frames(self.needs().frames, chunk=c.chunk) for f in batch.frames)
         if c.person_boxes is not None:
-            table = inputs[c.person_boxes].arrays.get("boxes", np.zeros((0, 7), np.float32))
-            boxes = person_boxes_by_frame(table, flow.shape[2], flow.shape[1])
+            boxes = person_boxes_by_frame(inputs[c.person_boxes], flow.shape[2], flow.shape[1])
         return dense_trajectories(frames, flow, c, boxes)
 
     def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:

@@ -600,8 +600,7 @@ class Skeleton(Extractor):
             boxes = None
             if self.backend.needs_boxes:
                 if boxes_of is None:
-                    table = inputs[c.person_boxes].arrays.get("boxes", np.zeros((0, 7), np.float32))
-                    boxes_of = person_boxes_by_frame(table, width, height)
+                    boxes_of = person_boxes_by_frame(inputs[c.person_boxes], width, height)
                 boxes = [boxes_of.get(len(per_frame) + i) for i in range(len(batch.frames))]
             per_frame.extend(self.backend.estimate(batch.frames, boxes))
             times.append(batch.timestamps)

@@ -168,14 +168,14 @@ def save_torchvision_detector(model_name: str, path: Path) -> Path:
     return path
 
 
-def save_yolo(path: Path) -> Path:
+def save_yolo(path: Path, yaml: str = "yolov8n.yaml") -> Path:
     from extractors.detectors import _ultralytics_environment
 
     _ultralytics_environment()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from ultralytics import YOLO
 
-    YOLO("yolov8n.yaml").save(str(path))
+    YOLO(yaml).save(str(path))
     return path
 
 
@@ -258,14 +258,7 @@ def save_codebook(folder: Path, components: int = 4, words: int = 8) -> Path:
 
 def save_yolo_pose(path: Path) -> Path:
     """A randomly initialised YOLOv8n-pose (COCO-17 keypoints), saved as a user's .pt checkpoint."""
-    from extractors.detectors import _ultralytics_environment
-
-    _ultralytics_environment()
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    from ultralytics import YOLO
-
-    YOLO("yolov8n-pose.yaml").save(str(path))
-    return path
+    return save_yolo(path, "yolov8n-pose.yaml")
 
 
 def save_stgcn(path: Path, num_class: int = 400) -> Path:
