@@ -23,6 +23,7 @@ MediaPipe's Python solution runs on the CPU only.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from extractors.pose import (
     skeleton_descriptor,
     skeleton_rows,
 )
+from tests.helpers import save_yolo
 
 
 def person_frames(n: int, width: int, height: int) -> np.ndarray:
@@ -69,22 +71,6 @@ class ToneVideo:
         t = np.arange(int(self.seconds * spec.rate)) / spec.rate
         x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.1 * np.sin(2 * np.pi * 1900 * t * (1 + 0.1 * np.sin(t)))
         return AudioTrack(x.astype(np.float32), spec.rate)
-
-
-def random_yolo_pose(size: str) -> Path:
-    """YOLOv8{size}-pose built from its yaml (offline) and saved, so it loads as a user's .pt would."""
-    import os
-    import tempfile
-
-    from extractors.detectors import _ultralytics_environment
-
-    _ultralytics_environment()
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    from ultralytics import YOLO
-
-    path = Path(tempfile.gettempdir()) / f"bench-yolov8{size}-pose.pt"
-    YOLO(f"yolov8{size}-pose.yaml").save(str(path))
-    return path
 
 
 def timed(fn, *args, repeat: int = 1):
@@ -120,7 +106,10 @@ def main() -> None:
         if keypoints is None:
             keypoints = main_people(single_track(poses), len(poses), 2)
         for size in ("n", "s"):
-            path = random_yolo_pose(size)
+            # built from its yaml offline and saved, so it loads as a user's .pt would
+            path = save_yolo(
+                Path(tempfile.gettempdir()) / f"bench-yolov8{size}-pose.pt", f"yolov8{size}-pose.yaml"
+            )
             cls = POSE_BACKENDS.get("ultralytics")
             yolo = cls(cls.Config(model=str(path), device=args.device))
             yolo.setup()

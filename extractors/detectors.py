@@ -64,6 +64,19 @@ class Detections:
         return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
 
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    """Areas of corner boxes (..., 4); inverted boxes have area 0."""
+    return np.clip(boxes[..., 2:] - boxes[..., :2], 0, None).prod(-1)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix (n, m) of corner boxes a (n, 4) and b (m, 4)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    return inter / np.maximum(box_area(a)[:, None] + box_area(b)[None] - inter, 1e-12)
+
+
 def person_boxes_by_frame(result: Any, width: int, height: int) -> dict[int, np.ndarray]:
     """Frame index → (k, 4) pixel boxes of people, from an ODF result's ``boxes`` table.
 

@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
-from extractors.detectors import load_ultralytics, person_boxes_by_frame
+from extractors.detectors import box_area, box_iou, load_ultralytics, person_boxes_by_frame
 from extractors.encoders import check_power_norm, multi_moment_pool, multi_moment_size, power_normalise
 from extractors.registry import build_backend, register
 from pipelines.config import to_plain
@@ -364,16 +364,6 @@ class MMPoseTopDown(PoseBackend):
 # ---------------------------------------------------------------- tracking
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix (n, m) of corner boxes a (n, 4) and b (m, 4)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(-1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(-1)
-    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-12)
-
-
 @dataclass
 class Track:
     """One person across frames: the frames they were seen in, with their keypoints and boxes."""
@@ -390,8 +380,7 @@ class Track:
     @property
     def weight(self) -> float:
         """Size × duration: the summed box area over the frames the person was seen in."""
-        b = np.asarray(self.boxes)
-        return float(np.clip(b[:, 2:] - b[:, :2], 0, None).prod(-1).sum())
+        return float(box_area(np.asarray(self.boxes)).sum())
 
 
 def track_people(per_frame: list[Poses], iou_threshold: float = 0.3, max_gap: int = 10) -> list[Track]:

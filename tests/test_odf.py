@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from extractors import create_extractor
-from extractors.detectors import LABEL_RANGES, LABEL_SLOTS
+from extractors.detectors import LABEL_RANGES, LABEL_SLOTS, box_iou
 from extractors.encoders import fix_signs, multi_moment_pool, rbf_embed
 from extractors.odf import box_vector_dim, box_vectors, odf_descriptor
 from pipelines.cli import main
@@ -107,11 +107,7 @@ def manifest_rows(root):
 
 
 def _iou(a, b):
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    return float(box_iou(np.asarray(a, np.float64)[None], np.asarray(b, np.float64)[None])[0, 0])
 
 
 def test_moving_object_boxes_overlap_the_generated_ground_truth(tiny_demo_root):
