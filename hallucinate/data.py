@@ -113,11 +113,21 @@ class ClipDataset(Dataset):
         self.reader = ShardReader(store) if store is not None and wants_store else None
         if spec.features and self.reader is None:
             raise DatasetError(f"frozen-backbone mode reads {spec.features} from a feature store; none given")
-        self.rng = np.random.default_rng(seed)
+        self.reseed(seed)
         self.frame_spec = FrameSpec(fps=spec.fps, short_side=spec.short_side)
         self.frames: list[tuple[np.ndarray, np.ndarray]] | None = None
         if preload and not spec.features:
             self.frames = [self._decode(r) for r in tqdm(self.records, desc="decode", unit="video")]
+
+    def reseed(self, seed: int) -> None:
+        """Restarts the clip sampler (random start, crop, flip) from ``seed``.
+
+        Called at the start of every training run, so that a run's clips depend
+        on its seed only, not on what another run drew from the same dataset
+        first: the baseline trained after the hallucination model by
+        ``hallucinate train`` sees the clips it would see trained alone.
+        """
+        self.rng = np.random.default_rng(seed)
 
     def _decode(self, record: VideoRecord) -> tuple[np.ndarray, np.ndarray]:
         """Frames (n, H, W, 3) and their times in seconds."""

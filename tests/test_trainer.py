@@ -335,3 +335,40 @@ def test_alpha_sets_the_hallucination_step_size_in_alternating_mode(tmp_path):
     after = dict(trainer.model.backbone.named_parameters())
     moved = max(float((after[k] - v).abs().max()) for k, v in before.items())
     assert 0 < moved <= 3.5e-3  # an Adam step moves a weight by at most about its learning rate
+
+
+def test_a_run_depends_on_its_seed_not_on_earlier_runs(tiny_demo_root, tmp_path):
+    """`hallucinate train` trains the baseline after the model from the same datasets;
+    the baseline must not depend on the clips the model drew before it."""
+    from hallucinate.run import ModelOptions, Splits, train_model
+    from pipelines.datasets import load_dataset, load_definition, resolve_paths
+
+    defn = load_definition("demo")
+    dataset = load_dataset(defn, resolve_paths(defn, tiny_demo_root))
+    train = ClipDataset(dataset.split("train"), 6, CLIP, True, preload=True)
+    val = ClipDataset(dataset.split("val"), 6, CLIP, False, preload=True)
+    splits = Splits(train, val, val)
+    options = ModelOptions(backbone_options={"width": 4}, d=16, hidden=32, fused_dim=100)
+
+    def run(name):
+        trainer = train_model(
+            tmp_path / name,
+            splits,
+            [],
+            6,
+            options,
+            Schedule(epochs=1),
+            CLIP,
+            4,
+            seed=3,
+            resume=False,
+            progress=False,
+            log=lambda m: None,
+        )
+        return trainer.model.state_dict()
+
+    first = run("a")
+    for _ in range(5):  # another run drawing clips from the same dataset
+        train[0]
+    second = run("b")
+    assert all(torch.equal(first[k], second[k]) for k in first)
