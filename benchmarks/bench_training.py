@@ -4,7 +4,9 @@ Step time: one iteration of the RGB-only baseline (classification step only)
 against one iteration with S streams (hallucination step + classification
 step). Inference: the exported TorchScript model (backbone + streams + fusion
 + PredNet) against the bare backbone. Synthetic clips and targets, so it
-measures the model, not decoding. Run: `python benchmarks/bench_training.py`.
+measures the model, not decoding. Run: `python -m benchmarks.bench_training`
+(tiny3d at 72², the demo's backbone, and r2plus1d_18 at 112², a real one with
+random weights: the heads' share of the cost depends on the backbone's size).
 """
 
 from __future__ import annotations
@@ -33,36 +35,33 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--backbone", default="tiny3d")
-    parser.add_argument("--streams", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--size", type=int, default=72)
-    parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
-    clip = ClipSpec(args.frames, args.size, args.size)
-    streams = [StreamSpec(f"s{i}.x/y", 1024) for i in range(args.streams)]
-    x = torch.rand(args.batch, 3, clip.frames, clip.size, clip.size) * 2 - 1
+# Clip size per backbone: tiny3d at the demo's size, torchvision models at their own.
+SIZES = {"tiny3d": 72}
+DEFAULT_SIZE = 112
+
+
+def measure(backbone: str, streams: int, batch_size: int, frames: int, size: int, repeats: int) -> list:
+    clip = ClipSpec(frames, size, size)
+    specs = [StreamSpec(f"s{i}.x/y", 1024) for i in range(streams)]
+    x = torch.rand(batch_size, 3, clip.frames, clip.size, clip.size) * 2 - 1
     batch = {
         "clip": x,
-        "label": torch.randint(0, 6, (args.batch,)),
-        "gt": {s.name: torch.randn(args.batch, s.dim) for s in streams},
-        "mask": torch.ones(args.batch, len(streams), dtype=torch.bool),
+        "label": torch.randint(0, 6, (batch_size,)),
+        "gt": {s.name: torch.randn(batch_size, s.dim) for s in specs},
+        "mask": torch.ones(batch_size, len(specs), dtype=torch.bool),
     }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         times = {}
         for label, use, loss, mode in (
             ("rgb-only", [], None, "alternating"),
-            ("mse", streams, "mse", "alternating"),
-            ("uncertainty", streams, "uncertainty", "alternating"),
-            ("mse, joint", streams, "mse", "joint"),
+            ("mse", specs, "mse", "alternating"),
+            ("uncertainty", specs, "uncertainty", "alternating"),
+            ("mse, joint", specs, "mse", "joint"),
         ):
             torch.manual_seed(0)
             model = HallucinationNet(
-                create_backbone(args.backbone),
+                create_backbone(backbone),
                 use,
                 6,
                 clip.frames,
@@ -78,9 +77,10 @@ def main() -> None:
             def step(t=t):
                 t.train_step(batch)
 
-            times[label] = timed(step, args.repeats)
+            times[label] = timed(step, repeats)
             rows.append(
                 [
+                    backbone,
                     f"train step, {label} ({len(use)} streams)",
                     round(times[label] * 1000, 1),
                     f"{times[label] / times['rgb-only']:.2f}x",
@@ -89,16 +89,38 @@ def main() -> None:
         model.eval()
         traced = torch.jit.load(str(export_torchscript(model, clip, Path(tmp) / "m.pt")))
         with torch.no_grad():
-            bare = timed(lambda: model.backbone(x), args.repeats)
-            full = timed(lambda: traced(x), args.repeats)
-        rows.append(["inference, bare backbone", round(bare * 1000, 1), "1.00x"])
+            bare = timed(lambda: model.backbone(x), repeats)
+            full = timed(lambda: traced(x), repeats)
+        rows.append([backbone, "inference, bare backbone", round(bare * 1000, 1), "1.00x"])
         rows.append(
-            [f"inference, exported ({len(streams)} streams)", round(full * 1000, 1), f"{full / bare:.2f}x"]
+            [
+                backbone,
+                f"inference, exported ({len(specs)} streams)",
+                round(full * 1000, 1),
+                f"{full / bare:.2f}x",
+            ]
         )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--backbones", default="tiny3d,r2plus1d_18", help="comma-separated")
+    parser.add_argument("--streams", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--size", type=int, help="crop size for every backbone (default: per backbone)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    for backbone in args.backbones.split(","):
+        size = args.size or SIZES.get(backbone, DEFAULT_SIZE)
+        rows += measure(backbone, args.streams, args.batch, args.frames, size, args.repeats)
     print_table(
-        f"Training and inference cost ({args.backbone}, batch {args.batch}, {clip.frames}x{clip.size}², "
+        f"Training and inference cost (batch {args.batch}, {args.frames} frames, "
+        f"{', '.join(f'{b} {args.size or SIZES.get(b, DEFAULT_SIZE)}²' for b in args.backbones.split(','))}, "
         f"{torch.get_num_threads()} threads)",
-        ["what", "ms", "vs baseline"],
+        ["backbone", "what", "ms", "vs baseline"],
         rows,
     )
 
