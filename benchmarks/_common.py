@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 from pipelines.demo import generate_demo
@@ -11,6 +12,17 @@ from pipelines.demo import generate_demo
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def timed(fn, *args, repeat: int = 1):
+    """(mean seconds per call, last output) of ``fn(*args)`` over ``repeat`` calls,
+    after one warm-up call: first-call costs (graph building, allocation) are
+    paid once per process and are not what a long run sees."""
+    fn(*args)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        out = fn(*args)
+    return (time.perf_counter() - t0) / repeat, out
 
 
 def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import torch
 
-from benchmarks._common import print_table
+from benchmarks._common import print_table, timed
 from extractors import create_extractor
 from extractors.base import AudioTrack, Result
 from extractors.pose import (
@@ -71,14 +71,6 @@ class ToneVideo:
         t = np.arange(int(self.seconds * spec.rate)) / spec.rate
         x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.1 * np.sin(2 * np.pi * 1900 * t * (1 + 0.1 * np.sin(t)))
         return AudioTrack(x.astype(np.float32), spec.rate)
-
-
-def timed(fn, *args, repeat: int = 1):
-    fn(*args)  # warm-up: first-call costs (graph building, allocation) are paid once per worker
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        out = fn(*args)
-    return (time.perf_counter() - t0) / repeat, out
 
 
 def main() -> None:

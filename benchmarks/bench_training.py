@@ -13,27 +13,17 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks._common import print_table
+from benchmarks._common import print_table, timed
 from hallucinate.backbones import create_backbone
 from hallucinate.data import ClipSpec
 from hallucinate.model import HallucinationNet, StreamSpec
 from hallucinate.power_norm import create_power_norm
 from hallucinate.run import export_torchscript
 from hallucinate.trainer import Schedule, Trainer, build_hallucination_loss
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) / repeats
-
 
 # Clip size per backbone: tiny3d at the demo's size, torchvision models at their own.
 SIZES = {"tiny3d": 72}
@@ -77,7 +67,7 @@ def measure(backbone: str, streams: int, batch_size: int, frames: int, size: int
             def step(t=t):
                 t.train_step(batch)
 
-            times[label] = timed(step, repeats)
+            times[label], _ = timed(step, repeat=repeats)
             rows.append(
                 [
                     backbone,
@@ -89,8 +79,8 @@ def measure(backbone: str, streams: int, batch_size: int, frames: int, size: int
         model.eval()
         traced = torch.jit.load(str(export_torchscript(model, clip, Path(tmp) / "m.pt")))
         with torch.no_grad():
-            bare = timed(lambda: model.backbone(x), repeats)
-            full = timed(lambda: traced(x), repeats)
+            bare, _ = timed(model.backbone, x, repeat=repeats)
+            full, _ = timed(traced, x, repeat=repeats)
         rows.append([backbone, "inference, bare backbone", round(bare * 1000, 1), "1.00x"])
         rows.append(
             [
@@ -112,14 +102,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="crop size for every backbone (default: per backbone)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    sizes = {b: args.size or SIZES.get(b, DEFAULT_SIZE) for b in args.backbones.split(",")}
     rows = []
-    for backbone in args.backbones.split(","):
-        size = args.size or SIZES.get(backbone, DEFAULT_SIZE)
+    for backbone, size in sizes.items():
         rows += measure(backbone, args.streams, args.batch, args.frames, size, args.repeats)
     print_table(
         f"Training and inference cost (batch {args.batch}, {args.frames} frames, "
-        f"{', '.join(f'{b} {args.size or SIZES.get(b, DEFAULT_SIZE)}²' for b in args.backbones.split(','))}, "
-        f"{torch.get_num_threads()} threads)",
+        f"{', '.join(f'{b} {s}²' for b, s in sizes.items())}, {torch.get_num_threads()} threads)",
         ["backbone", "what", "ms", "vs baseline"],
         rows,
     )
