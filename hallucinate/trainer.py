@@ -163,10 +163,14 @@ class Trainer:
 
     # ------------------------------------------------------------ steps
 
-    def hallucination_step(self, batch: dict) -> float:
-        """(a): regress the ground truth; PredNet and HAF get no gradient here."""
+    def hallucination_step(self, batch: dict, x_rgb: torch.Tensor | None = None) -> float:
+        """(a): regress the ground truth; PredNet and HAF get no gradient here.
+
+        ``x_rgb``: the backbone's output for this batch, when the caller has it.
+        """
         model = self.model
-        x_rgb = model.backbone(batch["clip"])
+        if x_rgb is None:
+            x_rgb = model.backbone(batch["clip"])
         if not self.schedule.hal_updates_backbone:
             x_rgb = x_rgb.detach()
         pred = model.hallucinate(x_rgb)
@@ -178,9 +182,10 @@ class Trainer:
         self.optimizers["hal"].step()
         return float(loss.detach())
 
-    def classification_step(self, batch: dict) -> float:
+    def classification_step(self, batch: dict, x_rgb: torch.Tensor | None = None) -> float:
         """(b): classify from RGB through every stream, HAF and PredNet."""
-        logits = self.model(batch["clip"])
+        model = self.model
+        logits = model(batch["clip"]) if x_rgb is None else model.classify(x_rgb, model.hallucinate(x_rgb))
         label = batch["label"].float() if self.multilabel else batch["label"]
         loss = self.classify_loss(logits, label)
         self.optimizers["cls"].zero_grad(set_to_none=True)
@@ -210,7 +215,14 @@ class Trainer:
             return 0.0, self.classification_step(batch)
         if self.schedule.mode == "joint":
             return self.joint_step(batch)
-        return self.hallucination_step(batch), self.classification_step(batch)
+        if self.schedule.hal_updates_backbone:
+            return self.hallucination_step(batch), self.classification_step(batch)
+        # When step (a) leaves the backbone alone, the backbone's output is the same
+        # in both steps, so one pass (kept with its graph for step (b)) serves both:
+        # the alternating schedule then costs about what the RGB-only model does,
+        # instead of two backbone passes.
+        x_rgb = self.model.backbone(batch["clip"])
+        return self.hallucination_step(batch, x_rgb), self.classification_step(batch, x_rgb)
 
     @torch.no_grad()
     def search_beta(self, val: DataLoader) -> tuple[float, dict[str, float]]:

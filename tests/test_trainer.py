@@ -372,3 +372,23 @@ def test_a_run_depends_on_its_seed_not_on_earlier_runs(tiny_demo_root, tmp_path)
         train[0]
     second = run("b")
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_heads_only_hallucination_step_shares_the_backbone_pass(tmp_path):
+    """With hal_updates_backbone=False, train_step runs the backbone once and ends
+    where the two separate passes end (parameters; BatchNorm's running statistics
+    see one batch instead of the same batch twice)."""
+    shared = make(tmp_path=tmp_path / "a", hal_updates_backbone=False)
+    separate = make(tmp_path=tmp_path / "b", hal_updates_backbone=False)
+    calls = []
+    shared.model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    for t in (shared, separate):
+        t.model.train()
+    for i in range(3):
+        b = batch(seed=i)
+        shared.train_step(b)
+        separate.hallucination_step(b), separate.classification_step(b)
+    assert len(calls) == 3
+    params = dict(separate.model.named_parameters())
+    for name, value in shared.model.named_parameters():
+        torch.testing.assert_close(value, params[name], msg=name)
