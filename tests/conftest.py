@@ -7,7 +7,7 @@ import pytest
 import tests.helpers  # noqa: F401  (registers the test extractors)
 from pipelines.demo import DemoSpec, generate_demo
 
-TINY_DEMO = DemoSpec(clips_per_class=5)
+TINY_DEMO = DemoSpec(clips_per_class=5, held_out_per_class=0)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -153,7 +154,7 @@ def test_generated_demo_layout(tiny_demo_root):
 
 
 def test_generate_demo_is_byte_deterministic(tmp_path):
-    spec = DemoSpec(clips_per_class=1)
+    spec = DemoSpec(clips_per_class=1, held_out_per_class=1)
     generate_demo(tmp_path / "a", spec, workers=1, progress=False)
     generate_demo(tmp_path / "b", spec, workers=2, progress=False)
     for path in sorted((tmp_path / "a" / "videos").rglob("*.mp4")):
@@ -162,6 +163,22 @@ def test_generate_demo_is_byte_deterministic(tmp_path):
     assert (tmp_path / "a" / "annotations" / "manifest.csv").read_text() == (
         tmp_path / "b" / "annotations" / "manifest.csv"
     ).read_text()
+
+
+def test_held_out_clips_grow_val_and_test_but_not_train():
+    from pipelines.demo import clips_per_class, split_of
+
+    spec = DemoSpec(clips_per_class=5, held_out_per_class=4)
+    assert Counter(split_of(i, spec) for i in range(clips_per_class(spec))) == {
+        "train": 3,
+        "val": 3,
+        "test": 3,
+    }
+    # the first clips keep their split and their pixels whatever the held-out count
+    plain = DemoSpec(clips_per_class=5, held_out_per_class=0)
+    assert [split_of(i, spec) for i in range(5)] == [split_of(i, plain) for i in range(5)]
+    np.testing.assert_array_equal(render_clip(spec, 1, 3)[0], render_clip(plain, 1, 3)[0])
+    assert clips_per_class(DemoSpec()) == 80
 
 
 def test_demo_audio_kinds_spread_over_splits():
