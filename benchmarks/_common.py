@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.demo import generate_demo
@@ -23,6 +25,29 @@ def timed(fn, *args, repeat: int = 1):
     for _ in range(repeat):
         out = fn(*args)
     return (time.perf_counter() - t0) / repeat, out
+
+
+def interleaved(calls: dict[str, Callable[[], object]], repeat: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``, timed in turns.
+
+    For ratios between variants (hallucinated vs RGB-only): timing A's calls
+    and then B's lets a load change between the two blocks (another process,
+    frequency scaling) show up as a ratio. Taking turns, in an order that
+    rotates every round, and the median over rounds, exposes both to the same
+    conditions. Two warm-up calls each, since TorchScript's profiling
+    executor optimises a graph on its second run.
+    """
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeat):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            calls[name]()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
