@@ -75,7 +75,7 @@ install-mmpose: install
 # as the classification steps (the paper's alpha=1) swamp the shared backbone;
 # fusion=weighted_mean (Eqs. 21-22) down-weights the streams whose ground truth
 # classifies poorly; loss=uncertainty (Eq. 19) beat MSE on average (0.806 vs
-# 0.761 over three seeds, two of the three);
+# 0.761 over three seeds on 60 test clips, two of the three);
 # 50 epochs because the RGB-only baseline is still improving at 30. See
 # README, "Status". TRAIN_ARGS=... overrides any of them.
 DEMO_TRAIN_ARGS ?= alpha=0.05 fusion=weighted_mean loss=uncertainty epochs=50 lr_step=15
