@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from benchmarks._common import print_table
-from pipelines.demo import DEMO_CLASSES, DemoSpec, clips_per_class, generate_demo
+from pipelines.demo import DEMO_CLASSES, DemoSpec, generate_demo, total_clips_per_class
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
             generate_demo(Path(tmp) / "demo", spec, workers=workers, progress=False)
             dt = time.perf_counter() - t0
             size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
-        clips = clips_per_class(spec) * len(DEMO_CLASSES)
+        clips = total_clips_per_class(spec) * len(DEMO_CLASSES)
         rows.append([workers, clips, round(dt, 1), round(clips / dt, 1), f"{size / 2**20:.0f} MiB"])
     print_table("Demo generation", ["processes", "clips", "seconds", "clips/s", "size"], rows)
 

@@ -252,7 +252,7 @@ def split_of(clip_index: int, spec: DemoSpec = DemoSpec()) -> str:
     return ("train", "train", "train", "val", "test")[clip_index % 5]
 
 
-def clips_per_class(spec: DemoSpec) -> int:
+def total_clips_per_class(spec: DemoSpec) -> int:
     return spec.clips_per_class + spec.held_out_per_class
 
 
@@ -316,7 +316,7 @@ def generate_demo(
         shutil.rmtree(root / sub, ignore_errors=True)
     (root / "annotations" / "boxes").mkdir(parents=True, exist_ok=True)
     (root / "demo.json").unlink(missing_ok=True)
-    jobs = [(spec, root, c, i) for c in range(len(DEMO_CLASSES)) for i in range(clips_per_class(spec))]
+    jobs = [(spec, root, c, i) for c in range(len(DEMO_CLASSES)) for i in range(total_clips_per_class(spec))]
     bar = tqdm(total=len(jobs), desc="demo clips", unit="clip", disable=not progress)
     rows = []
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -166,10 +166,10 @@ def test_generate_demo_is_byte_deterministic(tmp_path):
 
 
 def test_held_out_clips_grow_val_and_test_but_not_train():
-    from pipelines.demo import clips_per_class, split_of
+    from pipelines.demo import split_of, total_clips_per_class
 
     spec = DemoSpec(clips_per_class=5, held_out_per_class=4)
-    assert Counter(split_of(i, spec) for i in range(clips_per_class(spec))) == {
+    assert Counter(split_of(i, spec) for i in range(total_clips_per_class(spec))) == {
         "train": 3,
         "val": 3,
         "test": 3,
@@ -178,7 +178,7 @@ def test_held_out_clips_grow_val_and_test_but_not_train():
     plain = DemoSpec(clips_per_class=5, held_out_per_class=0)
     assert [split_of(i, spec) for i in range(5)] == [split_of(i, plain) for i in range(5)]
     np.testing.assert_array_equal(render_clip(spec, 1, 3)[0], render_clip(plain, 1, 3)[0])
-    assert clips_per_class(DemoSpec()) == 80
+    assert total_clips_per_class(DemoSpec()) == 80
 
 
 def test_demo_audio_kinds_spread_over_splits():
