@@ -185,7 +185,9 @@ class Trainer:
     def classification_step(self, batch: dict, x_rgb: torch.Tensor | None = None) -> float:
         """(b): classify from RGB through every stream, HAF and PredNet."""
         model = self.model
-        logits = model(batch["clip"]) if x_rgb is None else model.classify(x_rgb, model.hallucinate(x_rgb))
+        if x_rgb is None:
+            x_rgb = model.backbone(batch["clip"])
+        logits = model.classify(x_rgb, model.hallucinate(x_rgb))
         label = batch["label"].float() if self.multilabel else batch["label"]
         loss = self.classify_loss(logits, label)
         self.optimizers["cls"].zero_grad(set_to_none=True)
