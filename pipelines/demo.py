@@ -244,7 +244,7 @@ def clip_audio_kind(spec: DemoSpec, class_index: int, clip_index: int) -> str:
     return "sound"
 
 
-def split_of(clip_index: int, spec: DemoSpec = DemoSpec()) -> str:
+def split_of(clip_index: int, spec: DemoSpec) -> str:
     """60/20/20 train/val/test, interleaved so every class is in every split; the
     held-out clips after ``spec.clips_per_class`` alternate val and test."""
     if clip_index >= spec.clips_per_class:

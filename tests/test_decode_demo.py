@@ -188,5 +188,5 @@ def test_demo_audio_kinds_spread_over_splits():
     kinds = {}
     for c in range(len(DEMO_CLASSES)):
         for i in range(spec.clips_per_class):
-            kinds.setdefault(clip_audio_kind(spec, c, i), set()).add(split_of(i))
+            kinds.setdefault(clip_audio_kind(spec, c, i), set()).add(split_of(i, spec))
     assert kinds["silent"] >= {"train", "test"} and "none" in kinds
