@@ -153,8 +153,11 @@ def test_targets_have_the_same_scale_whatever_the_descriptor_size():
     net, streams = _net([300, 8000], d=64)
     gt = {s.name: torch.randn(32, s.dim) * 3 + 1 for s in streams}
     t = net.target(gt)  # (32, 2, 64)
-    rms = t.pow(2).mean(-1).sqrt()
-    np.testing.assert_allclose(rms.numpy(), TARGET_RMS, rtol=0.25)
+    # Per stream, averaged over the videos: one video's sketch scatters around
+    # its norm (a 300-d vector in 64 buckets), so a per-video bound is a matter
+    # of luck; unrescaled, the 8,000-d stream would be five times the 300-d one.
+    rms = t.pow(2).mean(-1).sqrt().mean(0)
+    np.testing.assert_allclose(rms.numpy(), TARGET_RMS, rtol=0.1)
 
 
 def test_stream_heads_start_by_predicting_zero():
@@ -166,3 +169,33 @@ def test_stream_heads_start_by_predicting_zero():
         x = net.backbone(clips)
         assert net.hallucinate(x).abs().max() == 0
         assert x.std(0).mean() > 0  # the zero comes from the heads, not from a dead input
+
+
+@pytest.mark.parametrize("kind", ["fc", "conv"])
+def test_stream_heads_keep_their_hidden_units_alive(kind):
+    """X_rgb comes out of a ReLU (non-negative, mean well above 0). Under Adam, heads
+    without BatchNorm before their ReLUs lost over half their hidden units in 300
+    steps of plain regression, and on the demo every unit of every stream head."""
+    from hallucinate.model import StreamHead
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(64, 128, 4, generator=gen) + 1.0) * 1.5
+    proj = torch.randn(128 * 4, 32, generator=gen) / (128 * 4) ** 0.5
+    y = x.flatten(1) @ proj
+    target = torch.tanh(y - y.mean(0))  # within reach of a power-normalised output
+    torch.manual_seed(0)
+    head, pn = StreamHead(128, 4, 32, 256, kind), create_power_norm("asinhe")
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+    for _ in range(300):
+        idx = torch.randint(0, 64, (16,), generator=gen)
+        loss = (pn(head(x[idx])) - target[idx]).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    head.eval()
+    with torch.no_grad():
+        hidden = head.body[:-1](x) if kind == "fc" else head.body[:-2](x)
+        dead = (hidden.flatten(2).amax((0, 2)) if hidden.ndim == 3 else hidden.amax(0)) <= 0
+        pred = pn(head(x))
+    assert dead.float().mean() < 0.1
+    assert 1 - (pred - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum() > 0.7
