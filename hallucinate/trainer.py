@@ -13,11 +13,15 @@ sketch coordinates per stream) can be two orders of magnitude larger than the
 cross-entropy; sharing Adam's second-moment estimates would then shrink every
 classification update of the shared backbone to nothing. With one optimiser
 per step, each step's update size is independent of its loss scale, which is
-also why ``alpha`` sets the hallucination step's learning rate (alpha·lr)
-rather than multiplying its loss. On the demo, alpha = 1 (hallucination
-steps as large as classification steps) lets regression of mostly
-unpredictable targets drown the classification signal in the shared
-backbone.
+also why ``alpha`` acts on a learning rate rather than multiplying the loss.
+It sets the backbone's learning rate in step (a) (alpha·lr): alpha exists to
+keep the regression of hard-to-predict targets from drowning the
+classification signal in the shared backbone, which alpha = 1 (the paper's)
+does on the demo. The stream heads and CENet step at lr whatever alpha is:
+they are the hallucinators, and step (b) trains them too, at lr, for the
+classifier; at alpha·lr in step (a) (as before 2026-11-23) the classification
+steps won, and with alpha = 0.05 the streams' R² against their ground truth
+was below −1 even on the training clips. With alpha = 1 nothing changes.
 
 Checkpoints hold the model (sketches included, they are buffers), the loss
 (CENet), both optimisers and schedulers, the epoch and every RNG state, so a
@@ -52,7 +56,7 @@ class Schedule:
     lr_step: int = 10  # epochs between halvings
     lr_gamma: float = 0.5
     weight_decay: float = 0.0
-    alpha: float = 1.0  # weight of the hallucination loss
+    alpha: float = 1.0  # weight of the hallucination loss on the backbone (its lr in step (a))
     hal_updates_backbone: bool = True  # METHOD.md §7.18: step (a) also trains the backbone
     # "alternating" (the paper: two updates per iteration) or "joint" (ours: one
     # update of CE + alpha * hallucination loss, one backbone pass, about half the cost)
@@ -136,10 +140,16 @@ class Trainer:
         else:
             self.optimizers = {"cls": adam(model.parameters())}
             if model.streams:
-                hal_params = list(model.backbone.parameters()) + list(model.heads.parameters())
                 # Adam's steps do not depend on the loss scale, so alpha weights the
-                # hallucination step through its learning rate instead.
-                self.optimizers["hal"] = adam(hal_params + loss_params, schedule.alpha * schedule.lr)
+                # hallucination loss through the backbone's learning rate instead.
+                self.optimizers["hal"] = torch.optim.Adam(
+                    [
+                        {"params": list(model.heads.parameters()) + loss_params},
+                        {"params": list(model.backbone.parameters()), "lr": schedule.alpha * schedule.lr},
+                    ],
+                    lr=schedule.lr,
+                    weight_decay=schedule.weight_decay,
+                )
         self.schedulers = {
             k: torch.optim.lr_scheduler.StepLR(o, schedule.lr_step, schedule.lr_gamma)
             for k, o in self.optimizers.items()

@@ -323,11 +323,14 @@ def test_multilabel_training_uses_bce_and_reports_map(tmp_path):
     assert perfect["map"] == pytest.approx(1.0)
 
 
-def test_alpha_sets_the_hallucination_step_size_in_alternating_mode(tmp_path):
-    """Adam ignores a loss scale, so alpha must act on the learning rate to mean anything."""
+def test_alpha_sets_the_backbones_hallucination_step_size_in_alternating_mode(tmp_path):
+    """Adam ignores a loss scale, so alpha must act on a learning rate to mean anything:
+    the backbone's in step (a). The heads regress their targets at the full rate."""
     trainer = make(tmp_path=tmp_path, alpha=0.1)
     assert trainer.optimizers["cls"].param_groups[0]["lr"] == pytest.approx(1e-2)
-    assert trainer.optimizers["hal"].param_groups[0]["lr"] == pytest.approx(1e-3)
+    heads, backbone = trainer.optimizers["hal"].param_groups
+    assert heads["lr"] == pytest.approx(1e-2) and backbone["lr"] == pytest.approx(1e-3)
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in trainer.model.backbone.parameters()}
     batch = {
         "clip": torch.rand(4, 3, CLIP.frames, CLIP.size, CLIP.size) * 2 - 1,
         "label": torch.tensor([0, 1, 2, 0]),
@@ -335,11 +338,14 @@ def test_alpha_sets_the_hallucination_step_size_in_alternating_mode(tmp_path):
         "gt": {s.name: torch.randn(4, s.dim) for s in STREAMS},
     }
     before = {k: v.detach().clone() for k, v in trainer.model.backbone.named_parameters()}
-    for _ in range(3):  # the heads start at zero: the backbone gets gradient from the 2nd step on
+    head = trainer.model.heads["a__x--v"].body[-1].weight
+    head_before = head.detach().clone()
+    for _ in range(3):
         trainer.hallucination_step(batch)
     after = dict(trainer.model.backbone.named_parameters())
     moved = max(float((after[k] - v).abs().max()) for k, v in before.items())
     assert 0 < moved <= 3.5e-3  # an Adam step moves a weight by at most about its learning rate
+    assert float((head - head_before).abs().max()) > 1.5e-2  # three steps at lr, not at alpha·lr
 
 
 def test_a_run_depends_on_its_seed_not_on_earlier_runs(tiny_demo_root, tmp_path):
