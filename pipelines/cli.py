@@ -523,7 +523,29 @@ def format_report(report: dict) -> str:
             lines.append(
                 f"{name:<24}{tr['r2']:>10.3f}{te['r2']:>10.3f}{tr['cosine']:>11.3f}{te['cosine']:>10.3f}"
             )
+        lines += _quality_notes(report)
     return "\n".join(lines)
+
+
+def _quality_notes(report: dict) -> list[str]:
+    """Plain-words reading of negative R²: a stream that predicts its targets worse
+    than their mean hallucinates nothing, which the accuracy table alone hides (the
+    demo's heads were dead for weeks behind a better-than-baseline accuracy)."""
+    quality = report["quality"]
+    unfit = [n for n in report["streams"] if quality["train"][n]["r2"] < 0]
+    ungeneral = [n for n in report["streams"] if n not in unfit and quality["test"][n]["r2"] < 0]
+    notes = []
+    if unfit:
+        notes.append(
+            "\nnote: worse than the mean on its own training clips (R2 train < 0), so it "
+            f"hallucinates nothing: {', '.join(unfit)}"
+        )
+    if ungeneral:
+        notes.append(
+            "note: fits its training clips but not the test clips (R2 test < 0): "
+            f"{', '.join(ungeneral)}; more training videos, or fewer streams, may help"
+        )
+    return notes
 
 
 COMMANDS = {

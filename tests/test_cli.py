@@ -199,3 +199,27 @@ def test_weighted_mean_fusion_end_to_end(tiny_demo_root, tmp_path, capsys):
     rows = [json.loads(line) for line in (run / "model" / "metrics.jsonl").read_text().splitlines()]
     assert "beta" in rows[-1]
     assert main(["evaluate", *common]) == 0
+
+
+def test_the_report_says_which_streams_hallucinate_nothing():
+    from pipelines.cli import format_report
+
+    def q(r2):
+        return {"r2": r2, "cosine": 0.0, "n": 10}
+
+    metrics = {"top1": 0.5, "top5": 1.0, "mean_class_acc": 0.5}
+    report = {
+        "streams": ["a/x", "b/y", "c/z"],
+        "protocols": {"hallucinated": metrics},
+        "drop_one": {"a/x": metrics, "b/y": metrics, "c/z": metrics},
+        "quality": {
+            "train": {"a/x": q(-1.2), "b/y": q(0.4), "c/z": q(0.6)},
+            "test": {"a/x": q(-1.5), "b/y": q(-0.2), "c/z": q(0.3)},
+        },
+    }
+    lines = format_report(report).splitlines()
+    unfit = [line for line in lines if "R2 train < 0" in line]
+    ungeneral = [line for line in lines if "R2 test < 0" in line]
+    assert len(unfit) == 1 and unfit[0].endswith(": a/x")
+    assert len(ungeneral) == 1 and "b/y" in ungeneral[0] and "a/x" not in ungeneral[0]
+    assert not any("c/z" in line for line in unfit + ungeneral)
