@@ -189,6 +189,21 @@ class HallucinationNet(nn.Module):
 TARGET_RMS = 0.5
 
 
+def load_model_state(model: nn.Module, state: dict, path) -> None:
+    """``model.load_state_dict`` that names the checkpoint and the fix when the layout
+    differs, e.g. a run written before the heads got BatchNorm (2026-11-23)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        from pipelines.errors import HallucinateError
+
+        raise HallucinateError(
+            f"{path}: the checkpoint does not fit this version's model ({str(err).splitlines()[0]}). "
+            "It was probably written by an older Hallucinate; train again into a new run "
+            "directory (run=...), or evaluate it with the version that wrote it."
+        ) from err
+
+
 def _key(name: str) -> str:
     """ModuleDict keys may not contain dots."""
     return name.replace(".", "__").replace("/", "--")

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from hallucinate.backbones import create_backbone
 from hallucinate.data import ClipDataset, ClipSpec
 from hallucinate.metrics import classification_metrics, stream_quality
-from hallucinate.model import HallucinationNet, StreamSpec
+from hallucinate.model import HallucinationNet, StreamSpec, load_model_state
 from hallucinate.power_norm import create_power_norm
 from hallucinate.trainer import Schedule, Trainer, build_hallucination_loss, seed_everything, to_device
 
@@ -167,7 +167,7 @@ def load_model(run_dir: Path, name: str = "best.pt", device: str = "cpu") -> Hal
     options = ModelOptions(**cfg["model"])
     streams = [StreamSpec(**s) for s in cfg["streams"]]
     model = options.build(streams, cfg["num_classes"], ClipSpec(**cfg["clip"]), cfg["seed"])
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], run_dir / name)
     return model.to(device).eval()
 
 

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from hallucinate.losses import UncertaintyLoss, masked_mse
 from hallucinate.metrics import classification_metrics
-from hallucinate.model import HallucinationNet
+from hallucinate.model import HallucinationNet, load_model_state
 
 
 @dataclass(frozen=True)
@@ -349,7 +349,7 @@ class Trainer:
         if not path.is_file():
             return False
         state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
+        load_model_state(self.model, state["model"], path)
         if self.hal_loss is not None and state["hal_loss"] is not None:
             self.hal_loss.load_state_dict(state["hal_loss"])
         for key, optimizer in self.optimizers.items():

@@ -529,8 +529,8 @@ def format_report(report: dict) -> str:
 
 def _quality_notes(report: dict) -> list[str]:
     """Plain-words reading of negative R²: a stream that predicts its targets worse
-    than their mean hallucinates nothing, which the accuracy table alone hides (the
-    demo's heads were dead for weeks behind a better-than-baseline accuracy)."""
+    than their mean hallucinates nothing, which the accuracy table alone hides (until
+    2026-11-23 the demo's stream heads were dead behind a better-than-baseline accuracy)."""
     quality = report["quality"]
     unfit = [n for n in report["streams"] if quality["train"][n]["r2"] < 0]
     ungeneral = [n for n in report["streams"] if n not in unfit and quality["test"][n]["r2"] < 0]

@@ -160,6 +160,34 @@ def test_checkpoint_resume_restores_everything(tmp_path):
     assert resumed.schedulers["cls"].last_epoch == full.schedulers["cls"].last_epoch == 2
 
 
+def test_a_checkpoint_of_another_layout_is_named_with_the_fix(tmp_path):
+    """Runs written before the heads got BatchNorm do not load into today's model."""
+    from hallucinate.run import load_model
+    from pipelines.errors import HallucinateError
+
+    t = make(tmp_path=tmp_path)
+    t.save("last.pt")
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    options = {
+        "backbone": "tiny3d",
+        "backbone_options": {"width": 4},
+        "d": 16,
+        "hidden": 32,
+        "fused_dim": 100,
+    }
+    streams = [{"name": s.name, "dim": s.dim} for s in STREAMS]
+    clip = {"frames": CLIP.frames, "size": CLIP.size}
+    state["config"] = {"model": options, "clip": clip, "seed": 0, "num_classes": 3, "streams": streams}
+    torch.save(state, tmp_path / "ok.pt")
+    load_model(tmp_path, "ok.pt")  # the same layout loads
+    state["model"] = {k: v for k, v in state["model"].items() if ".body.2." not in k}  # no BatchNorm
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(HallucinateError, match=r"last\.pt: the checkpoint does not fit.*run="):
+        make(tmp_path=tmp_path).resume()
+    with pytest.raises(HallucinateError, match=r"last\.pt: the checkpoint does not fit"):
+        load_model(tmp_path, "last.pt")
+
+
 def test_export_gives_the_same_logits(tmp_path):
     t = make(tmp_path=tmp_path)
     t.fit(DataLoader(_Data(), batch_size=4), progress=False)
