@@ -18,6 +18,7 @@ from torch import nn
 from hallucinate.backbones import Backbone
 from hallucinate.fusion import FUSIONS
 from hallucinate.sketch import MultiSketch
+from pipelines.errors import HallucinateError
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,6 @@ def load_model_state(model: nn.Module, state: dict, path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        from pipelines.errors import HallucinateError
-
         raise HallucinateError(
             f"{path}: the checkpoint does not fit this version's model ({str(err).splitlines()[0]}). "
             "It was probably written by an older Hallucinate; train again into a new run "

@@ -142,13 +142,11 @@ class Trainer:
             if model.streams:
                 # Adam's steps do not depend on the loss scale, so alpha weights the
                 # hallucination loss through the backbone's learning rate instead.
-                self.optimizers["hal"] = torch.optim.Adam(
+                self.optimizers["hal"] = adam(
                     [
                         {"params": list(model.heads.parameters()) + loss_params},
                         {"params": list(model.backbone.parameters()), "lr": schedule.alpha * schedule.lr},
-                    ],
-                    lr=schedule.lr,
-                    weight_decay=schedule.weight_decay,
+                    ]
                 )
         self.schedulers = {
             k: torch.optim.lr_scheduler.StepLR(o, schedule.lr_step, schedule.lr_gamma)

@@ -537,7 +537,7 @@ def _quality_notes(report: dict) -> list[str]:
     notes = []
     if unfit:
         notes.append(
-            "\nnote: worse than the mean on its own training clips (R2 train < 0), so it "
+            "note: worse than the mean on its own training clips (R2 train < 0), so it "
             f"hallucinates nothing: {', '.join(unfit)}"
         )
     if ungeneral:
@@ -545,7 +545,7 @@ def _quality_notes(report: dict) -> list[str]:
             "note: fits its training clips but not the test clips (R2 test < 0): "
             f"{', '.join(ungeneral)}; more training videos, or fewer streams, may help"
         )
-    return notes
+    return ["", *notes] if notes else []  # a blank line after the table, whichever note comes first
 
 
 COMMANDS = {
