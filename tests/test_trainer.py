@@ -365,7 +365,7 @@ def test_alpha_sets_the_backbones_hallucination_step_size_in_alternating_mode(tm
         "mask": torch.ones(4, len(STREAMS), dtype=torch.bool),
         "gt": {s.name: torch.randn(4, s.dim) for s in STREAMS},
     }
-    before = {k: v.detach().clone() for k, v in trainer.model.backbone.named_parameters()}
+    before = snapshot(trainer.model.backbone)
     head = trainer.model.heads["a__x--v"].body[-1].weight
     head_before = head.detach().clone()
     for _ in range(3):
