@@ -106,6 +106,7 @@ class ClipDataset(Dataset):
         multilabel: bool = False,
         preload: bool = False,
         seed: int = 0,
+        progress: bool = True,
     ) -> None:
         self.records, self.num_classes, self.spec = list(records), num_classes, spec
         self.train, self.multilabel, self.streams = train, multilabel, list(streams)
@@ -117,7 +118,8 @@ class ClipDataset(Dataset):
         self.frame_spec = FrameSpec(fps=spec.fps, short_side=spec.short_side)
         self.frames: list[tuple[np.ndarray, np.ndarray]] | None = None
         if preload and not spec.features:
-            self.frames = [self._decode(r) for r in tqdm(self.records, desc="decode", unit="video")]
+            bar = tqdm(self.records, desc="decode", unit="video", disable=not progress)
+            self.frames = [self._decode(r) for r in bar]
 
     def reseed(self, seed: int) -> None:
         """Restarts the clip sampler (random start, crop, flip) from ``seed``.

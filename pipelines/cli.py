@@ -156,6 +156,7 @@ class EvaluateConfig(RunLocation):
 
     batch_size: int = 32
     device: str = "auto"
+    progress: bool = True  # the decode bar of the preloaded splits
 
 
 def default_out(dataset: str) -> Path:
@@ -350,7 +351,7 @@ def _load_dataset(cfg):
     return load_dataset(defn, resolve_paths(defn, cfg.data_root, cfg.video_root))
 
 
-def _splits(dataset, store: Path, streams, clip, preload: bool, seed: int):
+def _splits(dataset, store: Path, streams, clip, preload: bool, seed: int, progress: bool):
     """Train / val / test clip datasets of a run (test falls back to val when absent)."""
     from hallucinate.data import ClipDataset
     from hallucinate.run import Splits
@@ -363,7 +364,9 @@ def _splits(dataset, store: Path, streams, clip, preload: bool, seed: int):
     n = len(dataset.classes)
 
     def make(records, train):
-        return ClipDataset(records, n, clip, train, store, streams, dataset.multilabel, preload, seed)
+        return ClipDataset(
+            records, n, clip, train, store, streams, dataset.multilabel, preload, seed, progress
+        )
 
     return Splits(make(parts["train"], True), make(parts["val"], False), make(parts["test"], False))
 
@@ -443,7 +446,7 @@ def cmd_train(cfg: TrainConfig) -> int:
     from dataclasses import asdict
 
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    splits = _splits(dataset, store, streams, clip, cfg.preload, cfg.seed)
+    splits = _splits(dataset, store, streams, clip, cfg.preload, cfg.seed, cfg.progress)
     device = pick_device(cfg.device)
     names = ", ".join(s.name for s in streams) or "none"
     print(f"streams: {names}", file=sys.stderr)
@@ -498,7 +501,7 @@ def cmd_evaluate(cfg: EvaluateConfig) -> int:
     clip = ClipSpec(**saved["clip"])
     dataset = _load_dataset(cfg)
     store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
-    splits = _splits(dataset, store, streams, clip, True, saved["seed"])
+    splits = _splits(dataset, store, streams, clip, True, saved["seed"], cfg.progress)
     report = evaluate_run(run, splits, cfg.batch_size, dataset.multilabel, pick_device(cfg.device))
     print(format_report(report))
     print(f"\nwritten: {run / 'evaluation.json'}, {run / 'curves.png'}, {run / 'quality.png'}")

@@ -131,7 +131,9 @@ def test_train_and_evaluate_end_to_end(tiny_demo_root, tmp_path, capsys):
         "backbone_options.width=4",
         "progress=false",
     ]
+    capsys.readouterr()
     assert main(["train", *common, f"features={store}", f"run={run}", *small]) == 0
+    assert "decode" not in capsys.readouterr().err  # progress=false silences the preload bar too
     for name in ("model", "baseline"):
         assert (run / name / "best.pt").is_file() and (run / name / "last.pt").is_file()
         assert len((run / name / "metrics.jsonl").read_text().splitlines()) == 2
@@ -140,7 +142,11 @@ def test_train_and_evaluate_end_to_end(tiny_demo_root, tmp_path, capsys):
     assert len((run / "model" / "metrics.jsonl").read_text().splitlines()) == 2
     capsys.readouterr()
     assert main(["evaluate", *common, f"features={store}", f"run={run}"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "decode" in captured.err
+    assert main(["evaluate", *common, f"features={store}", f"run={run}", "progress=false"]) == 0
+    assert "decode" not in capsys.readouterr().err
     for word in ("rgb_only", "hallucinated", "oracle", "audio.logmel/stats", "R2 train"):
         assert word in out
     report = json.loads((run / "evaluation.json").read_text())
