@@ -76,10 +76,16 @@ class MSELoss(nn.Module):
 
 def build_hallucination_loss(
     name: str, streams: int, d: int, pattern: str, kappa: float, seed: int
-) -> nn.Module:
-    factories: dict[str, Callable[[], nn.Module]] = {
+) -> nn.Module | None:
+    """The step-(a) loss by name. ``none`` is the control that tells what regressing
+    the descriptors is worth: the same streams, HAF and fusion, trained by
+    classification only, so a gain over the RGB-only baseline that survives it
+    comes from the extra heads, not from hallucination (on the demo it does with
+    ``hidden=64``; see README, "Status")."""
+    factories: dict[str, Callable[[], nn.Module | None]] = {
         "mse": MSELoss,
         "uncertainty": lambda: UncertaintyLoss(streams, d, pattern=pattern, kappa=kappa, seed=seed),
+        "none": lambda: None,
     }
     if name not in factories:
         raise ValueError(f"unknown hallucination loss {name!r}; use {', '.join(factories)}")

@@ -129,7 +129,7 @@ class TrainConfig(RunLocation):
     fusion: str = "concat"  # concat (+ P_tot sketch) or weighted_mean (Eqs. 21-22)
     beta_warmup: int = 10  # weighted_mean: epochs of equal weights before β is searched
     power_norm: str = "asinhe"
-    loss: str = "mse"  # mse or uncertainty
+    loss: str = "mse"  # mse, uncertainty, or none (the control: streams trained by classification only)
     pattern: str = "grouped"  # grouped, diagonal or literal (uncertainty loss)
     kappa: float = 1.0
     alpha: float = 1.0

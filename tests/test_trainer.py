@@ -104,6 +104,20 @@ def test_joint_step_updates_everything_in_one_pass(tmp_path):
         Trainer(model, hal, Schedule(mode="sometimes"), tmp_path)
 
 
+def test_the_no_hallucination_control_trains_the_streams_by_classification_only(tmp_path):
+    t = make(loss="none", tmp_path=tmp_path)
+    assert t.hal_loss is None
+    model = t.model
+    heads, haf, backbone = snapshot(model.heads), snapshot(model.haf), snapshot(model.backbone)
+    model.train()
+    hal_loss, cls_loss = t.train_step(batch())
+    assert hal_loss == 0.0 and cls_loss > 0
+    assert not t.optimizers["hal"].state  # step (a) never ran
+    assert changed(heads, model.heads) and changed(haf, model.haf) and changed(backbone, model.backbone)
+    with pytest.raises(ValueError, match="mse, uncertainty, none"):
+        build_hallucination_loss("nothing", 2, 16, "grouped", 1.0, 0)
+
+
 def test_hallucination_step_can_leave_the_backbone(tmp_path):
     t = make(tmp_path=tmp_path, hal_updates_backbone=False)
     before = snapshot(t.model.backbone)
