@@ -393,11 +393,15 @@ def cmd_train(cfg: TrainConfig) -> int:
 
     from hallucinate.data import ClipSpec, discover_streams
     from hallucinate.run import EXPORTERS, ModelOptions, train_model
-    from hallucinate.trainer import Schedule
+    from hallucinate.trainer import Schedule, build_hallucination_loss
 
     unknown = [f for f in cfg.export_formats if f not in EXPORTERS]
     if unknown:
         raise ConfigError(f"export_formats: unknown {unknown}; use {', '.join(EXPORTERS)}")
+    try:  # a bad loss or pattern is named now, not after the videos are decoded
+        build_hallucination_loss(cfg.loss, 1, cfg.d, cfg.pattern, cfg.kappa, cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"loss={cfg.loss} pattern={cfg.pattern}: {err}") from err
     dataset = _load_dataset(cfg)
     store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
     wanted = None if cfg.streams == ["auto"] else cfg.streams

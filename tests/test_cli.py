@@ -15,6 +15,14 @@ def test_bad_value_type_names_the_key(capsys):
     assert "shard_size" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad", ["loss=mae", "pattern=banded"])
+def test_bad_loss_or_pattern_is_named_before_any_work(bad, tmp_path, capsys):
+    assert main(["train", "loss=uncertainty", bad, f"run={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert bad.split("=")[1] in err and "uncertainty" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_dataset_lists_known(capsys):
     assert main(["extract", "dataset=kinetics9000"]) == 2
     err = capsys.readouterr().err
