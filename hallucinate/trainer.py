@@ -145,7 +145,7 @@ class Trainer:
             self.optimizers = {"cls": adam(list(model.parameters()) + loss_params)}
         else:
             self.optimizers = {"cls": adam(model.parameters())}
-            if model.streams:
+            if model.streams and hal_loss is not None:  # loss=none, the control, has no step (a)
                 # Adam's steps do not depend on the loss scale, so alpha weights the
                 # hallucination loss through the backbone's learning rate instead.
                 self.optimizers["hal"] = adam(
