@@ -107,10 +107,9 @@ def measure(backbone: str, streams: int, batch_size: int, frames: int, size: int
         # run-to-run noise of a 10-20 ms call, so what hallucination adds is also
         # timed alone, on a stored X_rgb: its ratio is (backbone + tail) / backbone.
         ref = infer["bare backbone (traced)"]
-        rows += [
-            [backbone, f"inference, {label}", round(t * 1000, 2), f"{(t + ref * (label == tail)) / ref:.2f}x"]
-            for label, t in infer.items()
-        ]
+        for label, t in infer.items():
+            ratio = (ref + t) / ref if label == tail else t / ref
+            rows.append([backbone, f"inference, {label}", round(t * 1000, 2), f"{ratio:.2f}x"])
     return rows
 
 
