@@ -519,16 +519,17 @@ def format_report(report: dict) -> str:
     for name, values in protocols.items():
         lines.append(f"{name:<16}" + "".join(f"{values[m]:>16.3f}" for m in metrics))
     if report["drop_one"]:
-        lines.append("\ndrop one stream (test)  " + "".join(f"{m:>16}" for m in metrics))
+        w = max(24, 2 + max(len(name) for name in report["streams"]))  # sdf.spectral_residual/descriptor
+        lines.append(f"\n{'drop one stream (test)':<{w}}" + "".join(f"{m:>16}" for m in metrics))
         for name, values in report["drop_one"].items():
-            lines.append(f"{name:<24}" + "".join(f"{values[m]:>16.3f}" for m in metrics))
+            lines.append(f"{name:<{w}}" + "".join(f"{values[m]:>16.3f}" for m in metrics))
         lines.append(
-            f"\n{'stream quality':<24}{'R2 train':>10}{'R2 test':>10}{'cos train':>11}{'cos test':>10}"
+            f"\n{'stream quality':<{w}}{'R2 train':>10}{'R2 test':>10}{'cos train':>11}{'cos test':>10}"
         )
         for name in report["streams"]:
             tr, te = report["quality"]["train"][name], report["quality"]["test"][name]
             lines.append(
-                f"{name:<24}{tr['r2']:>10.3f}{te['r2']:>10.3f}{tr['cosine']:>11.3f}{te['cosine']:>10.3f}"
+                f"{name:<{w}}{tr['r2']:>10.3f}{te['r2']:>10.3f}{tr['cosine']:>11.3f}{te['cosine']:>10.3f}"
             )
         lines += _quality_notes(report)
     return "\n".join(lines)

@@ -237,3 +237,22 @@ def test_the_report_says_which_streams_hallucinate_nothing():
     assert len(unfit) == 1 and unfit[0].endswith(": a/x")
     assert len(ungeneral) == 1 and "b/y" in ungeneral[0] and "a/x" not in ungeneral[0]
     assert not any("c/z" in line for line in unfit + ungeneral)
+
+
+def test_the_report_columns_stay_aligned_for_long_stream_names():
+    from pipelines.cli import format_report
+
+    names = ["a/x", "sdf.spectral_residual/descriptor"]
+    metrics = {"top1": 0.5, "top5": 1.0}
+    quality = {n: {"r2": 0.1, "cosine": 0.2, "n": 3} for n in names}
+    report = {
+        "streams": names,
+        "protocols": {"hallucinated": metrics},
+        "drop_one": dict.fromkeys(names, metrics),
+        "quality": {"train": quality, "test": quality},
+    }
+    lines = format_report(report).splitlines()
+    drop = lines[lines.index(next(line for line in lines if line.startswith("drop one"))) :][:3]
+    quality_rows = lines[lines.index(next(line for line in lines if line.startswith("stream quality"))) :][:3]
+    for table in (drop, quality_rows):
+        assert len({len(line) for line in table}) == 1, table
