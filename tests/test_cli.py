@@ -215,6 +215,44 @@ def test_weighted_mean_fusion_end_to_end(tiny_demo_root, tmp_path, capsys):
     assert main(["evaluate", *common]) == 0
 
 
+def test_train_names_and_can_leave_out_streams_with_ground_truth_on_few_videos(tiny_demo_root, tmp_path, capsys):
+    """A stream with ground truth on 1 of 18 clips is named in a warning; min_coverage
+    leaves such auto-discovered streams out, never one the user names."""
+    import torch
+
+    from pipelines.datasets import load_dataset, load_definition, resolve_paths
+    from tests.test_trainer import write_store
+
+    defn = load_definition("demo")
+    ids = [r.video_id for r in load_dataset(defn, resolve_paths(defn, tiny_demo_root)).split("train")]
+    store = tmp_path / "store"
+    write_store(store, ids, {"dense.x": len(ids), "sparse.x": 1})
+    train = ["train", f"data_root={tiny_demo_root}", f"features={store}", "epochs=1", "frames=8", "size=32"]
+    train += ["short_side=36", "hidden=32", "d=16", "backbone_options.width=4", "progress=false"]
+    train += ["baseline=false", "export=false"]
+
+    def trained_streams(*extra):
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        capsys.readouterr()
+        assert main([*train, f"run={run}", *extra]) == 0
+        saved = torch.load(run / "model" / "best.pt", weights_only=False)["config"]["streams"]
+        return [s["name"] for s in saved], capsys.readouterr().err
+
+    streams, err = trained_streams()  # kept by default, and named
+    assert streams == ["dense.x/descriptor", "sparse.x/descriptor"]
+    assert f"sparse.x/descriptor has ground truth on 1 of {len(ids)} training videos" in err
+    assert "training it anyway (min_coverage=0.1 would leave it out)" in err
+    assert "dense.x/descriptor has" not in err
+    streams, err = trained_streams("min_coverage=0.1")
+    assert streams == ["dense.x/descriptor"]
+    assert "sparse.x/descriptor has ground truth on 1" in err and "leaving it out" in err
+    streams, err = trained_streams("streams=[dense.x,sparse.x]", "min_coverage=0.5")
+    assert streams == ["dense.x/descriptor", "sparse.x/descriptor"]
+    assert "sparse.x/descriptor has ground truth on 1" in err and "as named in streams=" in err
+    assert main([*train, "min_coverage=2"]) == 2
+    assert "min_coverage=2" in capsys.readouterr().err
+
+
 def test_the_report_says_which_streams_hallucinate_nothing():
     from pipelines.cli import format_report
 

@@ -320,6 +320,46 @@ def test_streams_and_masks_from_the_store(tiny_demo_root, tmp_path):
         discover_streams(out, [r.video_id for r in records])
 
 
+def write_store(root, ids, covered: dict[str, int], shard_size=6):
+    """A store with one 4-d descriptor per extractor in ``covered``: done on the first
+    n videos, flagged (no boxes) on the rest."""
+    from pipelines.store import DONE, FLAGGED, Entry, ShardIndex, shard_path, write_shard
+
+    index = ShardIndex()
+    shards = index.assign(ids, shard_size)
+    index.save(root)
+    where = index.video_to_shard()
+    for shard in shards:
+        new = {}
+        for i, vid in enumerate(ids):
+            for extractor, n in covered.items():
+                if where[vid] == shard:
+                    new[(vid, extractor)] = (
+                        Entry(DONE, {"descriptor": np.full(4, i, np.float32)}, attrs={"config_hash": "h"})
+                        if i < n
+                        else Entry(FLAGGED, flags={"no_boxes": "none found"})
+                    )
+        write_shard(shard_path(root, shard), new, {}, {})
+
+
+def test_streams_with_ground_truth_on_few_videos_are_found_and_named(tmp_path):
+    """odf.hog on the demo: boxes on 12 of 480 videos, so its head trained on a
+    handful of clips; the coverage count and the threshold must single it out."""
+    from hallucinate.data import ground_truth_coverage, sparse_streams
+
+    ids = [f"v{i}" for i in range(10)]
+    write_store(tmp_path, ids, {"dense.x": 10, "mostly.x": 7, "sparse.x": 1})
+    streams = discover_streams(tmp_path, ids)
+    assert [s.name for s in streams] == ["dense.x/descriptor", "mostly.x/descriptor", "sparse.x/descriptor"]
+    coverage = ground_truth_coverage(tmp_path, ids)
+    assert coverage == {"dense.x": 10, "mostly.x": 7, "sparse.x": 1}
+    assert ground_truth_coverage(tmp_path, ids[5:9]) == {"dense.x": 4, "mostly.x": 2}
+    assert sparse_streams(streams, coverage, 10, 0.1) == {}
+    assert sparse_streams(streams, coverage, 10, 0.2) == {"sparse.x/descriptor": 1}
+    assert sparse_streams(streams, coverage, 10, 0.75) == {"mostly.x/descriptor": 7, "sparse.x/descriptor": 1}
+    assert sparse_streams(streams, coverage, 10, 0.0) == {}
+
+
 def test_to_device_keeps_structure():
     b = to_device(batch(), torch.device("cpu"))
     assert set(b["gt"]) == {s.name for s in STREAMS}
