@@ -260,7 +260,10 @@ def evaluate_run(
         )
 
     m = test["mask"][..., None].float()
-    report: dict[str, Any] = {"streams": model.stream_names, "protocols": {}}
+    # mmap: the config alone, without reading the weights a second time.
+    trained = torch.load(run_dir / "model" / "best.pt", map_location="cpu", weights_only=False, mmap=True)
+    loss = trained["config"]["model"].get("loss", "mse")
+    report: dict[str, Any] = {"streams": model.stream_names, "loss": loss, "protocols": {}}
     if (run_dir / "baseline" / "best.pt").is_file():
         baseline = load_model(run_dir / "baseline", device=device)
         base = collect(baseline, splits.test, batch_size, device)

@@ -571,6 +571,12 @@ def format_report(report: dict) -> str:
                 f"{name:<{w}}{tr['r2']:>10.3f}{te['r2']:>10.3f}{tr['cosine']:>11.3f}{te['cosine']:>10.3f}"
             )
         lines += _quality_notes(report)
+    if report.get("loss") == "none":
+        lines += [
+            "",
+            "note: trained with loss=none (the control), so its streams never regressed their "
+            "descriptors: the hallucinated row is what the extra heads give without hallucination.",
+        ]
     return "\n".join(lines)
 
 

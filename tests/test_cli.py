@@ -159,6 +159,7 @@ def test_train_and_evaluate_end_to_end(tiny_demo_root, tmp_path, capsys):
         assert word in out
     report = json.loads((run / "evaluation.json").read_text())
     assert set(report["protocols"]) == {"rgb_only", "hallucinated", "oracle"}
+    assert report["loss"] == "mse"
     assert (run / "curves.png").is_file() and (run / "quality.png").is_file()
 
 
@@ -215,7 +216,9 @@ def test_weighted_mean_fusion_end_to_end(tiny_demo_root, tmp_path, capsys):
     assert main(["evaluate", *common]) == 0
 
 
-def test_train_names_and_can_leave_out_streams_with_ground_truth_on_few_videos(tiny_demo_root, tmp_path, capsys):
+def test_train_names_and_can_leave_out_streams_with_ground_truth_on_few_videos(
+    tiny_demo_root, tmp_path, capsys
+):
     """A stream with ground truth on 1 of 18 clips is named in a warning; min_coverage
     leaves such auto-discovered streams out, never one the user names."""
     import torch
@@ -275,6 +278,9 @@ def test_the_report_says_which_streams_hallucinate_nothing():
     assert len(unfit) == 1 and unfit[0].endswith(": a/x")
     assert len(ungeneral) == 1 and "b/y" in ungeneral[0] and "a/x" not in ungeneral[0]
     assert not any("c/z" in line for line in unfit + ungeneral)
+    assert "loss=none" not in "\n".join(lines)
+    report["loss"] = "none"  # the control: its streams' accuracy is not hallucination's
+    assert "note: trained with loss=none (the control)" in format_report(report)
 
 
 def test_the_report_columns_stay_aligned_for_long_stream_names():
