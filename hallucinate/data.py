@@ -58,8 +58,8 @@ def ground_truth_coverage(store: str | Path, video_ids: list[str]) -> dict[str, 
 
     A stream whose extractor found nothing on most videos (the HOG person
     detector on the demo's shapes: boxes on 12 of 480 videos) trains its head
-    on a handful of clips, which it memorises; at test it adds noise that the
-    masks, which only stop absent ground truth from training it, cannot remove.
+    on a handful of clips, which it can only memorise: the masks keep absent
+    ground truth from training it, but not from leaving it nearly untrained.
     """
     counts: dict[str, int] = defaultdict(int)
     for _, extractor, _ in _usable_entries(store, video_ids):
