@@ -114,7 +114,7 @@ class TrainConfig(RunLocation):
     # auto leaves out a stream whose ground truth covers fewer than this share of the
     # training videos (an extractor that flagged most of them, e.g. no boxes). 0 keeps
     # them, as the paper's masks do: on the demo, leaving out odf.hog (5 of 180 videos)
-    # cost test accuracy on every seed. Streams under 10% are named in a warning anyway.
+    # cost test accuracy on seeds 0-2. Streams under 10% are named in a warning anyway.
     min_coverage: float = 0.0
     baseline: bool = True  # also train the RGB-only baseline, same backbone and budget
     backbone: str = "tiny3d"
