@@ -41,57 +41,64 @@ class ClipSpec:
     features: str | None = None
 
 
-def _usable_entries(store: str | Path, video_ids: list[str]):
-    """(video id, extractor, entry) of every finished, unflagged result of these
-    videos: the ground truth a stream can be trained on."""
+@dataclass
+class GroundTruthScan:
+    """What a store holds to train streams on for some videos: every finished,
+    unflagged result, read in one pass over their shards (metadata only), which
+    on a large dataset is most of the start-up time of ``hallucinate train``."""
+
+    dims: dict[str, set[tuple[int, ...]]]  # "<extractor>/<output>" -> the shapes stored
+    hashes: dict[str, set[str]]  # extractor -> "v<version>:<config hash>" of its results
+    # Extractor -> how many of the videos have ground truth. A stream whose extractor
+    # found nothing on most videos (the HOG person detector on the demo's shapes: boxes
+    # on 12 of 480 videos) trains its head on a handful of clips, which it can only
+    # memorise: the masks keep absent ground truth from training it, but not from
+    # leaving it nearly untrained.
+    coverage: dict[str, int]
+
+
+def scan_ground_truth(store: str | Path, video_ids: list[str]) -> GroundTruthScan:
+    scan = GroundTruthScan(defaultdict(set), defaultdict(set), defaultdict(int))
     where = ShardIndex.load(store).video_to_shard()
     ids = set(video_ids)
     for shard in sorted({where[v] for v in ids if v in where}):
         entries, _ = read_shard(shard_path(store, shard))
         for (vid, extractor), entry in entries.items():
-            if vid in ids and entry.status == DONE and not entry.flags:
-                yield vid, extractor, entry
-
-
-def ground_truth_coverage(store: str | Path, video_ids: list[str]) -> dict[str, int]:
-    """Per extractor, how many of these videos have ground truth to train on.
-
-    A stream whose extractor found nothing on most videos (the HOG person
-    detector on the demo's shapes: boxes on 12 of 480 videos) trains its head
-    on a handful of clips, which it can only memorise: the masks keep absent
-    ground truth from training it, but not from leaving it nearly untrained.
-    """
-    counts: dict[str, int] = defaultdict(int)
-    for _, extractor, _ in _usable_entries(store, video_ids):
-        counts[extractor] += 1
-    return dict(counts)
+            if vid not in ids or entry.status != DONE or entry.flags:
+                continue
+            scan.coverage[extractor] += 1
+            scan.hashes[extractor].add(f"v{entry.attrs.get('version')}:{entry.config_hash}")
+            for output, shape in entry.shapes.items():
+                if output != TIMESTAMPS:
+                    scan.dims[f"{extractor}/{output}"].add(shape)
+    return scan
 
 
 def sparse_streams(
     streams: list[StreamSpec], coverage: dict[str, int], n_videos: int, min_coverage: float
 ) -> dict[str, int]:
     """The streams whose extractor has ground truth on fewer than ``min_coverage``
-    of ``n_videos`` (``coverage`` from ``ground_truth_coverage``), with their counts."""
+    of ``n_videos`` (``GroundTruthScan.coverage``), with their counts."""
     counts = {s.name: coverage.get(s.name.rpartition("/")[0], 0) for s in streams}
     return {name: n for name, n in counts.items() if n < min_coverage * n_videos}
 
 
 def discover_streams(
-    store: str | Path, video_ids: list[str], wanted: list[str] | None = None
+    store: str | Path,
+    video_ids: list[str],
+    wanted: list[str] | None = None,
+    scan: GroundTruthScan | None = None,
 ) -> list[StreamSpec]:
-    """One stream per fixed-size 1-D descriptor found in the store for these videos.
+    """One stream per fixed-size 1-D descriptor found in the store for these videos
+    (``scan``: the store already scanned for them, so it is not read again).
 
     Refuses to mix provenance: every result of an extractor used for a stream
     must carry the same version and config hash, since descriptors computed
     with different settings are not the same target.
     """
-    dims: dict[str, set[tuple[int, ...]]] = defaultdict(set)
-    hashes: dict[str, set[str]] = defaultdict(set)
-    for _, extractor, entry in _usable_entries(store, video_ids):
-        hashes[extractor].add(f"v{entry.attrs.get('version')}:{entry.config_hash}")
-        for output, shape in entry.shapes.items():
-            if output != TIMESTAMPS:
-                dims[f"{extractor}/{output}"].add(shape)
+    if scan is None:
+        scan = scan_ground_truth(store, video_ids)
+    dims, hashes = scan.dims, scan.hashes
     streams = []
     for name in sorted(dims):
         extractor = name.rsplit("/", 1)[0]

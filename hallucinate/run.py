@@ -161,6 +161,11 @@ def fusion_prior(train: ClipDataset, val: ClipDataset, max_videos: int = 2000) -
     return torch.tensor(prior)
 
 
+def checkpoint_config(path: Path) -> dict[str, Any]:
+    """The config a checkpoint was trained with; memory-mapped, so the weights are not read."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"]
+
+
 def load_model(run_dir: Path, name: str = "best.pt", device: str = "cpu") -> HallucinationNet:
     state = torch.load(run_dir / name, map_location=device, weights_only=False)
     cfg = state["config"]
@@ -260,9 +265,7 @@ def evaluate_run(
         )
 
     m = test["mask"][..., None].float()
-    # mmap: the config alone, without reading the weights a second time.
-    trained = torch.load(run_dir / "model" / "best.pt", map_location="cpu", weights_only=False, mmap=True)
-    loss = trained["config"]["model"].get("loss", "mse")
+    loss = checkpoint_config(run_dir / "model" / "best.pt")["model"].get("loss", "mse")
     report: dict[str, Any] = {"streams": model.stream_names, "loss": loss, "protocols": {}}
     if (run_dir / "baseline" / "best.pt").is_file():
         baseline = load_model(run_dir / "baseline", device=device)

@@ -397,16 +397,16 @@ def _stored_x_rgb_shape(store: Path, dataset, name: str) -> dict[str, int]:
 WARN_COVERAGE = 0.1
 
 
-def _without_sparse_streams(store: Path, dataset, streams, min_coverage: float, keep: bool):
-    """Warns about streams with ground truth on few training videos, whose heads can
-    only memorise those few, and leaves out the auto-discovered ones under
-    ``min_coverage``; a stream the user named is always kept."""
-    from hallucinate.data import ground_truth_coverage, sparse_streams
+def _without_sparse_streams(
+    streams, coverage: dict[str, int], n_videos: int, min_coverage: float, keep: bool
+):
+    """Warns about streams with ground truth on few of the ``n_videos`` training
+    videos, whose heads can only memorise those few, and leaves out the
+    auto-discovered ones under ``min_coverage``; a stream the user named is always kept."""
+    from hallucinate.data import sparse_streams
 
-    ids = [r.video_id for r in dataset.split("train")]
-    coverage = ground_truth_coverage(store, ids)
-    sparse = sparse_streams(streams, coverage, len(ids), max(min_coverage, WARN_COVERAGE))
-    drop = set() if keep else set(sparse_streams(streams, coverage, len(ids), min_coverage))
+    sparse = sparse_streams(streams, coverage, n_videos, max(min_coverage, WARN_COVERAGE))
+    drop = set() if keep else {name for name, n in sparse.items() if n < min_coverage * n_videos}
     for name, n in sparse.items():
         if name in drop:
             what = f"leaving it out (min_coverage={min_coverage}; min_coverage=0 keeps it)"
@@ -415,7 +415,7 @@ def _without_sparse_streams(store: Path, dataset, streams, min_coverage: float, 
         else:
             what = f"training it anyway (min_coverage={WARN_COVERAGE} would leave it out)"
         print(
-            f"warning: {name} has ground truth on {n} of {len(ids)} training videos, so its head "
+            f"warning: {name} has ground truth on {n} of {n_videos} training videos, so its head "
             f"can only memorise them; {what}. `hallucinate inspect` shows why "
             f"{name.rpartition('/')[0]} flagged or failed the others.",
             file=sys.stderr,
@@ -426,7 +426,7 @@ def _without_sparse_streams(store: Path, dataset, streams, min_coverage: float, 
 def cmd_train(cfg: TrainConfig) -> int:
     import json
 
-    from hallucinate.data import ClipSpec, discover_streams
+    from hallucinate.data import ClipSpec, discover_streams, scan_ground_truth
     from hallucinate.run import EXPORTERS, ModelOptions, train_model
     from hallucinate.trainer import Schedule, build_hallucination_loss
 
@@ -442,18 +442,17 @@ def cmd_train(cfg: TrainConfig) -> int:
     dataset = _load_dataset(cfg)
     store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
     wanted = None if cfg.streams == ["auto"] else cfg.streams
-    streams = (
-        discover_streams(store, [r.video_id for r in dataset.split("train")], wanted)
-        if (store / "index.json").is_file() or wanted
-        else []
-    )
+    train_ids = [r.video_id for r in dataset.split("train")]
+    scan = scan_ground_truth(store, train_ids) if (store / "index.json").is_file() or wanted else None
+    streams = discover_streams(store, train_ids, wanted, scan) if scan is not None else []
     if not streams:
         print(
             f"warning: no descriptors in {store}; training RGB-only. Run `make extract` first.",
             file=sys.stderr,
         )
     else:
-        streams = _without_sparse_streams(store, dataset, streams, cfg.min_coverage, keep=wanted is not None)
+        keep = wanted is not None
+        streams = _without_sparse_streams(streams, scan.coverage, len(train_ids), cfg.min_coverage, keep)
     clip = ClipSpec(cfg.frames, cfg.size, cfg.short_side, cfg.fps, cfg.rgb_features)
     backbone, backbone_options = cfg.backbone, dict(cfg.backbone_options)
     if cfg.rgb_features:
@@ -529,7 +528,7 @@ def cmd_train(cfg: TrainConfig) -> int:
 def cmd_evaluate(cfg: EvaluateConfig) -> int:
     from hallucinate.data import ClipSpec
     from hallucinate.model import StreamSpec
-    from hallucinate.run import evaluate_run
+    from hallucinate.run import checkpoint_config, evaluate_run
 
     run = Path(cfg.run) if cfg.run else Path("runs") / Path(cfg.dataset).stem
     best = run / "model" / "best.pt"
@@ -537,9 +536,7 @@ def cmd_evaluate(cfg: EvaluateConfig) -> int:
         raise HallucinateError(
             f"{best} not found: train first (`make train` or `hallucinate train run={run}`)"
         )
-    import torch
-
-    saved = torch.load(best, map_location="cpu", weights_only=False)["config"]
+    saved = checkpoint_config(best)
     streams = [StreamSpec(**s) for s in saved["streams"]]
     clip = ClipSpec(**saved["clip"])
     dataset = _load_dataset(cfg)

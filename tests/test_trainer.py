@@ -345,15 +345,15 @@ def write_store(root, ids, covered: dict[str, int], shard_size=6):
 def test_streams_with_ground_truth_on_few_videos_are_found_and_named(tmp_path):
     """odf.hog on the demo: boxes on 12 of 480 videos, so its head trained on a
     handful of clips; the coverage count and the threshold must single it out."""
-    from hallucinate.data import ground_truth_coverage, sparse_streams
+    from hallucinate.data import scan_ground_truth, sparse_streams
 
     ids = [f"v{i}" for i in range(10)]
     write_store(tmp_path, ids, {"dense.x": 10, "mostly.x": 7, "sparse.x": 1})
     streams = discover_streams(tmp_path, ids)
     assert [s.name for s in streams] == ["dense.x/descriptor", "mostly.x/descriptor", "sparse.x/descriptor"]
-    coverage = ground_truth_coverage(tmp_path, ids)
+    coverage = scan_ground_truth(tmp_path, ids).coverage
     assert coverage == {"dense.x": 10, "mostly.x": 7, "sparse.x": 1}
-    assert ground_truth_coverage(tmp_path, ids[5:9]) == {"dense.x": 4, "mostly.x": 2}
+    assert scan_ground_truth(tmp_path, ids[5:9]).coverage == {"dense.x": 4, "mostly.x": 2}
     assert sparse_streams(streams, coverage, 10, 0.1) == {}
     assert sparse_streams(streams, coverage, 10, 0.2) == {"sparse.x/descriptor": 1}
     assert sparse_streams(streams, coverage, 10, 0.75) == {"mostly.x/descriptor": 7, "sparse.x/descriptor": 1}
