@@ -263,7 +263,10 @@ def test_yolo_pose_loads_a_saved_checkpoint_and_refuses_a_detector(people_video,
 
     path = save_yolo_pose(tmp_path / "pose.pt")
     backend = {"name": "ultralytics", "model": str(path), "imgsz": 128, "conf": 0.0, "device": "cpu"}
-    ex = create_extractor("pose.skeleton", backend=backend, fps=4.0, min_confidence=0.0)
+    # A random model's people are any size and flicker: the quality filter is off, as
+    # this checks the loading path, not the poses (it flagged them now and then).
+    filters = {"min_confidence": 0.0, "min_torso": 0.0, "min_frames": 1}
+    ex = create_extractor("pose.skeleton", backend=backend, fps=4.0, **filters)
     ex.setup()
     result = ex.process(VideoSource("p", str(people_video)), {})
     assert result.attrs["weights"] and result.attrs["tracks"] >= 1
