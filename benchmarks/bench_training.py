@@ -8,7 +8,8 @@ step (a) trains the heads only, hal_updates_backbone=false) and the joint one
 exported TorchScript model (backbone + streams + fusion + PredNet) against
 the bare backbone traced the same way (and, for reference, run eagerly),
 and the tail that hallucination adds (streams + fusion + PredNet) timed
-alone on a precomputed X_rgb.
+alone on a precomputed X_rgb, as trained and as exported (the heads folded
+into two batched products, ``FoldedHeads``).
 Variants are timed in turns and reported as medians, so a load change
 during the run hits all of them alike. Synthetic clips and targets, so it
 measures the model, not decoding. Run: `python -m benchmarks.bench_training`
@@ -31,7 +32,7 @@ from hallucinate.backbones import create_backbone
 from hallucinate.data import ClipSpec
 from hallucinate.model import HallucinationNet, StreamSpec
 from hallucinate.power_norm import create_power_norm
-from hallucinate.run import export_torchscript
+from hallucinate.run import InferenceModel, export_torchscript
 from hallucinate.trainer import Schedule, Trainer, build_hallucination_loss
 
 # Clip size per backbone: tiny3d at the demo's size, torchvision models at their own.
@@ -92,12 +93,16 @@ def measure(backbone: str, streams: int, batch_size: int, frames: int, size: int
             traced_backbone = torch.jit.trace(model.backbone, x)
             x_rgb = model.backbone(x)
             tail = f"streams + fusion + PredNet alone ({len(specs)} streams)"
+            tails = {
+                f"{tail}, as trained": lambda x_rgb: model.classify(x_rgb, model.hallucinate(x_rgb)),
+                f"{tail}, heads folded as exported": InferenceModel(model).eval().tail,
+            }
             infer = interleaved(
                 {
                     "bare backbone (eager)": partial(model.backbone, x),
                     "bare backbone (traced)": partial(traced_backbone, x),
                     f"exported model ({len(specs)} streams)": partial(exported, x),
-                    tail: lambda: model.classify(x_rgb, model.hallucinate(x_rgb)),
+                    **{label: partial(f, x_rgb) for label, f in tails.items()},
                 },
                 repeats,
             )
@@ -108,7 +113,7 @@ def measure(backbone: str, streams: int, batch_size: int, frames: int, size: int
         # timed alone, on a stored X_rgb: its ratio is (backbone + tail) / backbone.
         ref = infer["bare backbone (traced)"]
         for label, t in infer.items():
-            ratio = (ref + t) / ref if label == tail else t / ref
+            ratio = (ref + t) / ref if label in tails else t / ref
             rows.append([backbone, f"inference, {label}", round(t * 1000, 2), f"{ratio:.2f}x"])
     return rows
 

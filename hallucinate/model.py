@@ -81,6 +81,52 @@ class StreamHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+    @property
+    def foldable(self) -> bool:
+        return isinstance(self.body[1], nn.Linear)
+
+
+class FoldedHeads(nn.Module):
+    """Eval-mode ``fc`` heads over one X_rgb as two batched products: what is deployed.
+
+    On a small backbone the heads are a visible share of inference: seven
+    streams and HAF are 8 × (linear, BatchNorm, ReLU, linear), 32 small calls
+    whose weights (about 5 MB) the backbone has pushed out of cache. Folding
+    each BatchNorm's running statistics into the linear before it (as
+    deployment tools fold conv+BN) and stacking the heads makes them one
+    ``addmm`` for every first layer and one ``baddbmm`` for every last one:
+    the same function up to float rounding, and on tiny3d a tail of 0.9-1.0
+    ms instead of 1.4-1.7 (``benchmarks/bench_training.py``). The weights are
+    copied, so this is built from a trained model, after training. Outputs
+    (B, heads, d), in the order of ``heads``.
+    """
+
+    def __init__(self, heads: list[StreamHead]) -> None:
+        super().__init__()
+        if not heads or not all(h.foldable for h in heads):
+            raise ValueError("only fc heads fold; conv heads run as they are")
+        if len({h.body[-1].out_features for h in heads}) > 1:
+            raise ValueError("heads of different output sizes do not stack")
+        firsts, shifts, lasts, biases = [], [], [], []
+        with torch.no_grad():
+            for head in heads:
+                _, first, norm, _, last = head.body
+                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+                firsts.append(first.weight * scale[:, None])
+                shifts.append(norm.bias - norm.running_mean * scale)
+                lasts.append(last.weight.t())
+                biases.append(last.bias[None])
+            self.hidden = heads[0].body[1].out_features
+            self.register_buffer("first", torch.cat(firsts).t().contiguous())  # (C·T′, heads·hidden)
+            self.register_buffer("shift", torch.cat(shifts))
+            self.register_buffer("last", torch.stack(lasts).contiguous())  # (heads, hidden, d)
+            self.register_buffer("bias", torch.stack(biases))  # (heads, 1, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(torch.addmm(self.shift, x.flatten(1), self.first))
+        hidden = hidden.view(x.shape[0], -1, self.hidden).transpose(0, 1)  # (heads, B, hidden)
+        return torch.baddbmm(self.bias, hidden, self.last).transpose(0, 1)
+
 
 class HallucinationNet(nn.Module):
     """Backbone + hallucination streams + HAF + fusion + PredNet.

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from hallucinate.backbones import create_backbone
 from hallucinate.data import ClipDataset, ClipSpec
 from hallucinate.metrics import classification_metrics, stream_quality
-from hallucinate.model import HallucinationNet, StreamSpec, load_model_state
+from hallucinate.model import FoldedHeads, HallucinationNet, StreamSpec, load_model_state
 from hallucinate.power_norm import create_power_norm
 from hallucinate.trainer import Schedule, Trainer, build_hallucination_loss, seed_everything, to_device
 
@@ -177,14 +177,34 @@ def load_model(run_dir: Path, name: str = "best.pt", device: str = "cpu") -> Hal
 
 
 class InferenceModel(torch.nn.Module):
-    """RGB clip in, logits out: what is deployed (no extractor, no ground truth)."""
+    """RGB clip in, logits out: what is deployed (no extractor, no ground truth).
+
+    The stream heads and HAF run folded (``FoldedHeads``) when they can: fc
+    heads of one output size, which is the default; otherwise as trained.
+    Built from a trained model in eval mode, since folding copies the weights
+    and BatchNorm's running statistics.
+    """
 
     def __init__(self, model: HallucinationNet) -> None:
         super().__init__()
-        self.model = model
+        heads = [*model.heads.values(), model.haf]
+        self.folded = None
+        try:
+            self.folded = FoldedHeads(heads)
+        except ValueError:
+            self.model = model  # conv heads, or HAF of another size (MSK with concat)
+        self.backbone, self.power_norm = model.backbone, model.power_norm
+        self.fuse, self.prednet = model.fuse, model.prednet
+
+    def tail(self, x_rgb: torch.Tensor) -> torch.Tensor:
+        """Logits from X_rgb: what hallucination adds to the backbone."""
+        if self.folded is None:
+            return self.model.classify(x_rgb, self.model.hallucinate(x_rgb))
+        out = self.power_norm(self.folded(x_rgb))
+        return self.prednet(self.fuse(out[:, :-1], out[:, -1]))
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
-        return self.model(clip)
+        return self.tail(self.backbone(clip))
 
 
 def export_torchscript(model: HallucinationNet, clip: ClipSpec, path: Path) -> Path:
@@ -193,7 +213,7 @@ def export_torchscript(model: HallucinationNet, clip: ClipSpec, path: Path) -> P
     example = model.backbone.example_input(2, clip.frames, clip.size)
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, example)
-        torch.testing.assert_close(traced(example), wrapper(example), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(traced(example), model.eval()(example), rtol=1e-4, atol=1e-5)
     traced.save(str(path))
     return path
 
@@ -225,7 +245,7 @@ def export_onnx(model: HallucinationNet, clip: ClipSpec, path: Path) -> Path:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         check = model.backbone.example_input(3, clip.frames, clip.size)
         got = torch.from_numpy(session.run(None, {"clip": check.numpy()})[0])
-        torch.testing.assert_close(got, wrapper(check), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(got, model.eval()(check), rtol=1e-3, atol=1e-4)
     return path
 
 

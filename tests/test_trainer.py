@@ -237,6 +237,59 @@ def test_export_gives_the_same_logits(tmp_path):
         torch.testing.assert_close(logits, model(clip), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "options, folds",
+    [
+        ({}, True),
+        ({"fusion": "weighted_mean"}, True),
+        ({"head": "conv"}, False),  # conv heads run as trained
+        ({"copies": 2}, False),  # MSK streams are 2d wide, HAF d: they do not stack
+    ],
+)
+def test_the_deployed_model_folds_the_heads_and_keeps_the_logits(options, folds):
+    """FoldedHeads folds each head's BatchNorm into its first layer and stacks the heads;
+    with running statistics away from (0, 1) and nonzero last layers, a wrong fold
+    (scale, shift, order of heads or of their outputs) changes the logits."""
+    from hallucinate.model import FoldedHeads
+    from hallucinate.run import InferenceModel
+
+    seed_everything(0)
+    model = HallucinationNet(
+        create_backbone("tiny3d", width=4),
+        STREAMS + [StreamSpec("c.z/u", 11)],
+        3,
+        CLIP.frames,
+        CLIP.size,
+        create_power_norm("asinhe"),
+        d=16,
+        hidden=32,
+        fused_dim=100,
+        **options,
+    )
+    with torch.no_grad():
+        for name, value in model.named_parameters():
+            if "heads." in name or "haf." in name:
+                value.normal_(0, 0.3)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.2, 3)
+    model.eval()
+    deployed = InferenceModel(model).eval()
+    assert isinstance(deployed.folded, FoldedHeads) == folds
+    clip = batch(3)["clip"]
+    with torch.no_grad():
+        x_rgb = model.backbone(clip)
+        if folds:
+            heads = [*model.heads.values(), model.haf]
+            stacked = torch.stack([h(x_rgb) for h in heads], 1)
+            torch.testing.assert_close(deployed.folded(x_rgb), stacked, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(deployed(clip), model(clip), rtol=1e-4, atol=1e-5)
+    if not folds and options.get("head") == "conv":
+        with pytest.raises(ValueError, match="only fc heads fold"):
+            FoldedHeads(list(model.heads.values()))
+
+
 FAST = ["tiny3d", "r3d_18", "mc3_18", "r2plus1d_18", "s3d", "tsn"]
 SMALL = {"tsn": {"model": "resnet10t"}}  # the architecture of a backbone family, kept small
 
