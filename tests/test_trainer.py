@@ -27,11 +27,9 @@ def batch(n=4, seed=0):
     }
 
 
-def make(
-    streams=STREAMS, loss="mse", tmp_path=None, hal_updates_backbone=True, mode="alternating", alpha=1.0
-):
+def small_model(streams=STREAMS, **options):
     seed_everything(0)
-    model = HallucinationNet(
+    return HallucinationNet(
         create_backbone("tiny3d", width=4),
         streams,
         3,
@@ -41,7 +39,14 @@ def make(
         d=16,
         hidden=32,
         fused_dim=100,
+        **options,
     )
+
+
+def make(
+    streams=STREAMS, loss="mse", tmp_path=None, hal_updates_backbone=True, mode="alternating", alpha=1.0
+):
+    model = small_model(streams)
     with torch.no_grad():  # as after some training: a zero last layer passes no gradient back
         for head in [*model.heads.values(), model.haf]:
             head.body[-1].weight.normal_(0, 0.1)
@@ -253,19 +258,7 @@ def test_the_deployed_model_folds_the_heads_and_keeps_the_logits(options, folds)
     from hallucinate.model import FoldedHeads
     from hallucinate.run import InferenceModel
 
-    seed_everything(0)
-    model = HallucinationNet(
-        create_backbone("tiny3d", width=4),
-        STREAMS + [StreamSpec("c.z/u", 11)],
-        3,
-        CLIP.frames,
-        CLIP.size,
-        create_power_norm("asinhe"),
-        d=16,
-        hidden=32,
-        fused_dim=100,
-        **options,
-    )
+    model = small_model(STREAMS + [StreamSpec("c.z/u", 11)], **options)
     with torch.no_grad():
         for name, value in model.named_parameters():
             if "heads." in name or "haf." in name:
