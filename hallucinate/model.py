@@ -116,7 +116,6 @@ class FoldedHeads(nn.Module):
                 shifts.append(norm.bias - norm.running_mean * scale)
                 lasts.append(last.weight.t())
                 biases.append(last.bias[None])
-            self.hidden = heads[0].body[1].out_features
             self.register_buffer("first", torch.cat(firsts).t().contiguous())  # (C·T′, heads·hidden)
             self.register_buffer("shift", torch.cat(shifts))
             self.register_buffer("last", torch.stack(lasts).contiguous())  # (heads, hidden, d)
@@ -124,7 +123,7 @@ class FoldedHeads(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = torch.relu(torch.addmm(self.shift, x.flatten(1), self.first))
-        hidden = hidden.view(x.shape[0], -1, self.hidden).transpose(0, 1)  # (heads, B, hidden)
+        hidden = hidden.view(x.shape[0], *self.last.shape[:2]).transpose(0, 1)  # (heads, B, hidden)
         return torch.baddbmm(self.bias, hidden, self.last).transpose(0, 1)
 
 

@@ -221,8 +221,7 @@ def test_train_names_and_can_leave_out_streams_with_ground_truth_on_few_videos(
 ):
     """A stream with ground truth on 1 of 18 clips is named in a warning; min_coverage
     leaves such auto-discovered streams out, never one the user names."""
-    import torch
-
+    from hallucinate.run import checkpoint_config
     from pipelines.datasets import load_dataset, load_definition, resolve_paths
     from tests.test_trainer import write_store
 
@@ -238,7 +237,7 @@ def test_train_names_and_can_leave_out_streams_with_ground_truth_on_few_videos(
         run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
         capsys.readouterr()
         assert main([*train, f"run={run}", *extra]) == 0
-        saved = torch.load(run / "model" / "best.pt", weights_only=False)["config"]["streams"]
+        saved = checkpoint_config(run / "model" / "best.pt")["streams"]
         return [s["name"] for s in saved], capsys.readouterr().err
 
     streams, err = trained_streams()  # kept by default, and named

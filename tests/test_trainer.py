@@ -378,13 +378,14 @@ def write_store(root, ids, covered: dict[str, int], shard_size=6):
     for shard in shards:
         new = {}
         for i, vid in enumerate(ids):
+            if where[vid] != shard:
+                continue
             for extractor, n in covered.items():
-                if where[vid] == shard:
-                    new[(vid, extractor)] = (
-                        Entry(DONE, {"descriptor": np.full(4, i, np.float32)}, attrs={"config_hash": "h"})
-                        if i < n
-                        else Entry(FLAGGED, flags={"no_boxes": "none found"})
-                    )
+                new[(vid, extractor)] = (
+                    Entry(DONE, {"descriptor": np.full(4, i, np.float32)}, attrs={"config_hash": "h"})
+                    if i < n
+                    else Entry(FLAGGED, flags={"no_boxes": "none found"})
+                )
         write_shard(shard_path(root, shard), new, {}, {})
 
 
