@@ -9,7 +9,8 @@ exported TorchScript model (backbone + streams + fusion + PredNet) against
 the bare backbone traced the same way (and, for reference, run eagerly),
 and the tail that hallucination adds (streams + fusion + PredNet) timed
 alone on a precomputed X_rgb, as trained and as exported (the heads folded
-into two batched products, ``FoldedHeads``).
+into two batched products, ``FoldedHeads``, and fusion + PredNet into one
+affine map, ``FoldedClassifier``).
 Variants are timed in turns and reported as medians, so a load change
 during the run hits all of them alike. Synthetic clips and targets, so it
 measures the model, not decoding. Run: `python -m benchmarks.bench_training`
@@ -95,7 +96,7 @@ def measure(backbone: str, streams: int, batch_size: int, frames: int, size: int
             tail = f"streams + fusion + PredNet alone ({len(specs)} streams)"
             tails = {
                 f"{tail}, as trained": lambda x_rgb: model.classify(x_rgb, model.hallucinate(x_rgb)),
-                f"{tail}, heads folded as exported": InferenceModel(model).eval().tail,
+                f"{tail}, folded as exported": InferenceModel(model).eval().tail,
             }
             infer = interleaved(
                 {

@@ -85,6 +85,10 @@ class StreamHead(nn.Module):
     def foldable(self) -> bool:
         return isinstance(self.body[1], nn.Linear)
 
+    @property
+    def out_dim(self) -> int:
+        return self.body[-1].out_features
+
 
 class FoldedHeads(nn.Module):
     """Eval-mode ``fc`` heads over one X_rgb as two batched products: what is deployed.
@@ -125,6 +129,45 @@ class FoldedHeads(nn.Module):
         hidden = torch.relu(torch.addmm(self.shift, x.flatten(1), self.first))
         hidden = hidden.view(x.shape[0], *self.last.shape[:2]).transpose(0, 1)  # (heads, B, hidden)
         return torch.baddbmm(self.bias, hidden, self.last).transpose(0, 1)
+
+
+class FoldedClassifier(nn.Module):
+    """Eval-mode fusion + PredNet as one affine map of the power-normalised outputs.
+
+    Both fusions are linear once trained: concatenation and the fixed sketch
+    P_tot, or the weighted mean, whose weights depend only on the prior and β,
+    both buffers. PredNet's BatchNorm uses running statistics. So the
+    deployed model can replace a dozen small calls (the weighted mean's loop
+    over families, its softmaxes, BatchNorm, Linear) with one ``addmm``: the
+    map is read off by passing the zero vector and the unit vectors through
+    the trained modules, so it holds for any linear fusion without knowing its
+    formula. A fusion that is not affine is refused (the check on random
+    inputs), and the deployed model then runs the fusion as trained.
+
+    Input: the streams' outputs then HAF's, flattened, (B, S·D + D_haf).
+    """
+
+    def __init__(self, fuse: nn.Module, prednet: nn.Module, streams: int, dim: int, haf_dim: int) -> None:
+        super().__init__()
+        if fuse.training or prednet.training:
+            raise ValueError("fold a trained model in eval mode: BatchNorm's running statistics are folded")
+        width = streams * dim
+
+        def apply(z: torch.Tensor) -> torch.Tensor:
+            return prednet(fuse(z[:, :width].reshape(len(z), streams, dim), z[:, width:]))
+
+        with torch.no_grad():
+            n = width + haf_dim
+            offset = apply(torch.zeros(1, n))
+            matrix = apply(torch.eye(n)) - offset  # row i: the logits' response to input i
+            probe = torch.randn(4, n, generator=torch.Generator().manual_seed(0))
+            if not torch.allclose(probe @ matrix + offset, apply(probe), rtol=1e-3, atol=1e-4):
+                raise ValueError(f"{type(fuse).__name__} is not affine in eval mode; it runs as trained")
+        self.register_buffer("matrix", matrix.contiguous())
+        self.register_buffer("offset", offset)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.offset, z, self.matrix)
 
 
 class HallucinationNet(nn.Module):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from hallucinate.backbones import create_backbone
 from hallucinate.data import ClipDataset, ClipSpec
 from hallucinate.metrics import classification_metrics, stream_quality
-from hallucinate.model import FoldedHeads, HallucinationNet, StreamSpec, load_model_state
+from hallucinate.model import FoldedClassifier, FoldedHeads, HallucinationNet, StreamSpec, load_model_state
 from hallucinate.power_norm import create_power_norm
 from hallucinate.trainer import Schedule, Trainer, build_hallucination_loss, seed_everything, to_device
 
@@ -179,29 +179,41 @@ def load_model(run_dir: Path, name: str = "best.pt", device: str = "cpu") -> Hal
 class InferenceModel(torch.nn.Module):
     """RGB clip in, logits out: what is deployed (no extractor, no ground truth).
 
-    The stream heads and HAF run folded (``FoldedHeads``) when they can: fc
-    heads of one output size, which is the default; otherwise as trained.
-    Built from a trained model in eval mode, since folding copies the weights
-    and BatchNorm's running statistics.
+    What follows the backbone runs folded where it can: the stream heads and
+    HAF as ``FoldedHeads`` (fc heads of one output size, the default), the
+    fusion and PredNet as one affine map (``FoldedClassifier``, any fusion
+    that is linear once trained; both of ours are). Otherwise those parts run
+    as trained. Built from a trained model in eval mode, since folding copies
+    the weights and BatchNorm's running statistics; only the parts that run
+    are kept, so an export does not carry the trained heads next to their
+    folded copy.
     """
 
     def __init__(self, model: HallucinationNet) -> None:
         super().__init__()
-        heads = [*model.heads.values(), model.haf]
-        self.folded = None
-        try:
-            self.folded = FoldedHeads(heads)
-        except ValueError:
-            self.model = model  # conv heads, or HAF of another size (MSK with concat)
         self.backbone, self.power_norm = model.backbone, model.power_norm
-        self.fuse, self.prednet = model.fuse, model.prednet
+        self.folded = self.classifier = None
+        try:
+            self.folded = FoldedHeads([*model.heads.values(), model.haf])
+        except ValueError:  # conv heads, or HAF of another size (MSK with concat)
+            self.model = model
+        try:
+            self.classifier = FoldedClassifier(
+                model.fuse, model.prednet, len(model.streams), model.d * model.copies, model.haf.out_dim
+            )
+        except ValueError:
+            self.fuse, self.prednet = model.fuse, model.prednet
 
     def tail(self, x_rgb: torch.Tensor) -> torch.Tensor:
         """Logits from X_rgb: what hallucination adds to the backbone."""
-        if self.folded is None:
-            return self.model.classify(x_rgb, self.model.hallucinate(x_rgb))
-        out = self.power_norm(self.folded(x_rgb))
-        return self.prednet(self.fuse(out[:, :-1], out[:, -1]))
+        if self.folded is not None:
+            out = self.power_norm(self.folded(x_rgb))
+            streams, haf = out[:, :-1], out[:, -1]
+        else:
+            streams, haf = self.model.hallucinate(x_rgb), self.power_norm(self.model.haf(x_rgb))
+        if self.classifier is not None:
+            return self.classifier(torch.cat([streams.flatten(1), haf], 1))
+        return self.prednet(self.fuse(streams, haf))
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
         return self.tail(self.backbone(clip))

@@ -252,10 +252,11 @@ def test_export_gives_the_same_logits(tmp_path):
     ],
 )
 def test_the_deployed_model_folds_the_heads_and_keeps_the_logits(options, folds):
-    """FoldedHeads folds each head's BatchNorm into its first layer and stacks the heads;
-    with running statistics away from (0, 1) and nonzero last layers, a wrong fold
-    (scale, shift, order of heads or of their outputs) changes the logits."""
-    from hallucinate.model import FoldedHeads
+    """FoldedHeads folds each head's BatchNorm into its first layer and stacks the heads,
+    and FoldedClassifier turns fusion + PredNet into one affine map; with running
+    statistics away from (0, 1), nonzero last layers and unequal fusion weights, a
+    wrong fold (scale, shift, order of heads or of their outputs) changes the logits."""
+    from hallucinate.model import FoldedClassifier, FoldedHeads
     from hallucinate.run import InferenceModel
 
     model = small_model(STREAMS + [StreamSpec("c.z/u", 11)], **options)
@@ -267,9 +268,13 @@ def test_the_deployed_model_folds_the_heads_and_keeps_the_logits(options, folds)
             if isinstance(module, torch.nn.BatchNorm1d):
                 module.running_mean.uniform_(-1, 1)
                 module.running_var.uniform_(0.2, 3)
+        if hasattr(model.fuse, "set_prior"):
+            model.fuse.set_prior(torch.rand(len(model.streams)))
+            model.fuse.beta.fill_(3.0)
     model.eval()
     deployed = InferenceModel(model).eval()
     assert isinstance(deployed.folded, FoldedHeads) == folds
+    assert isinstance(deployed.classifier, FoldedClassifier)  # both fusions are linear
     clip = batch(3)["clip"]
     with torch.no_grad():
         x_rgb = model.backbone(clip)
@@ -281,6 +286,36 @@ def test_the_deployed_model_folds_the_heads_and_keeps_the_logits(options, folds)
     if not folds and options.get("head") == "conv":
         with pytest.raises(ValueError, match="only fc heads fold"):
             FoldedHeads(list(model.heads.values()))
+
+
+def test_a_fusion_that_is_not_affine_is_not_folded():
+    """FoldedClassifier reads the map off unit vectors, which is only right for an
+    affine fusion; any other runs as trained."""
+    from hallucinate.model import FoldedClassifier
+    from hallucinate.run import InferenceModel
+
+    class Rectified(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, streams, haf):
+            return torch.relu(self.inner(streams, haf))
+
+    model = small_model().eval()
+    shape = (model.prednet, len(STREAMS), 16, 16)  # small_model's d
+    with pytest.raises(ValueError, match="not affine"):
+        FoldedClassifier(Rectified(model.fuse).eval(), *shape)
+    FoldedClassifier(model.fuse, *shape)
+    with pytest.raises(ValueError, match="eval mode"):
+        FoldedClassifier(model.fuse, model.prednet.train(), *shape[1:])
+    model.eval()
+    model.fuse = Rectified(model.fuse)
+    deployed = InferenceModel(model).eval()
+    assert deployed.classifier is None
+    clip = batch(2)["clip"]
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(clip), model(clip))
 
 
 FAST = ["tiny3d", "r3d_18", "mc3_18", "r2plus1d_18", "s3d", "tsn"]
