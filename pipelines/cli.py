@@ -142,6 +142,7 @@ class TrainConfig(RunLocation):
     batch_size: int = 16
     lr: float = 1e-3
     lr_step: int = 10
+    warmup: int = 0  # epochs of linear learning-rate warm-up
     weight_decay: float = 0.0
     hal_updates_backbone: bool = True
     schedule: str = "alternating"  # the paper's two updates per iteration, or "joint" (one, cheaper)
@@ -482,6 +483,7 @@ def cmd_train(cfg: TrainConfig) -> int:
         cfg.hal_updates_backbone,
         cfg.schedule,
         cfg.beta_warmup,
+        warmup=cfg.warmup,
     )
     run = Path(cfg.run) if cfg.run else Path("runs") / Path(cfg.dataset).stem
     run.mkdir(parents=True, exist_ok=True)

@@ -44,15 +44,22 @@ def small_model(streams=STREAMS, **options):
 
 
 def make(
-    streams=STREAMS, loss="mse", tmp_path=None, hal_updates_backbone=True, mode="alternating", alpha=1.0
+    streams=STREAMS,
+    loss="mse",
+    tmp_path=None,
+    hal_updates_backbone=True,
+    mode="alternating",
+    alpha=1.0,
+    **schedule,
 ):
     model = small_model(streams)
     with torch.no_grad():  # as after some training: a zero last layer passes no gradient back
         for head in [*model.heads.values(), model.haf]:
             head.body[-1].weight.normal_(0, 0.1)
     hal = build_hallucination_loss(loss, len(streams), 16, "grouped", 1.0, 0) if streams else None
-    schedule = Schedule(epochs=2, lr=1e-2, hal_updates_backbone=hal_updates_backbone, mode=mode, alpha=alpha)
-    return Trainer(model, hal, schedule, tmp_path, log=lambda m: None)
+    options = {"epochs": 2, "lr": 1e-2, **schedule}
+    options.update(hal_updates_backbone=hal_updates_backbone, mode=mode, alpha=alpha)
+    return Trainer(model, hal, Schedule(**options), tmp_path, log=lambda m: None)
 
 
 def snapshot(module):
@@ -177,6 +184,44 @@ def test_checkpoint_resume_restores_everything(tmp_path):
     for k, v in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[k], v, msg=k)
     assert resumed.schedulers["cls"].last_epoch == full.schedulers["cls"].last_epoch == 2
+
+
+def test_warmup_ramps_the_learning_rate_then_it_halves_every_lr_step(tmp_path):
+    """Both optimisers follow lr·min(1, (e+1)/(w+1))·0.5^(e // lr_step) in epoch e;
+    the backbone's step-(a) group keeps its alpha·lr share throughout."""
+    t = make(tmp_path=tmp_path, alpha=0.1, epochs=7, warmup=3, lr_step=5)
+    seen = []
+    step = t.train_step
+
+    def record(batch):
+        seen.append([g["lr"] for o in t.optimizers.values() for g in o.param_groups])
+        return step(batch)
+
+    t.train_step = record
+    t.fit(DataLoader(_Data(4), batch_size=4), progress=False)
+    factors = [0.25, 0.5, 0.75, 1.0, 1.0, 0.5, 0.5]
+    expected = [[1e-2 * f, 1e-2 * f, 1e-3 * f] for f in factors]
+    torch.testing.assert_close(torch.tensor(seen), torch.tensor(expected))
+    # without warm-up, the schedule is the paper's halving from the first epoch
+    assert [Schedule(lr_step=2).lr_factor(e) for e in range(5)] == [1, 1, 0.5, 0.5, 0.25]
+
+
+def test_a_run_saved_with_the_step_scheduler_resumes(tmp_path):
+    """Checkpoints written before the warm-up hold StepLR states (no lr_lambdas)."""
+    t = make(tmp_path=tmp_path, epochs=1, lr_step=1)
+    t.fit(DataLoader(_Data(4), batch_size=4), progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    for key, optimizer in t.optimizers.items():
+        old = torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5)
+        old.last_epoch = 1
+        state["schedulers"][key] = old.state_dict()
+    torch.save(state, tmp_path / "last.pt")
+    resumed = make(tmp_path=tmp_path, epochs=2, lr_step=1)
+    assert resumed.resume() and resumed.epoch == 1
+    assert resumed.optimizers["cls"].param_groups[0]["lr"] == pytest.approx(5e-3)
+    resumed.fit(DataLoader(_Data(4), batch_size=4), progress=False)
+    assert resumed.schedulers["cls"].last_epoch == 2
+    assert resumed.optimizers["cls"].param_groups[0]["lr"] == pytest.approx(2.5e-3)
 
 
 def test_a_checkpoint_of_another_layout_is_named_with_the_fix(tmp_path):
