@@ -144,10 +144,24 @@ class FoldedClassifier(nn.Module):
     formula. A fusion that is not affine is refused (the check on random
     inputs), and the deployed model then runs the fusion as trained.
 
+    The dense map has (S·D + D_haf) × classes entries, where the sketch is a
+    list of indices: at the paper's size (7 streams of d = 1000 × 8 copies,
+    400 classes) that is 23 million, larger and slower than what it replaces,
+    so above ``max_entries`` nothing is folded.
+
     Input: the streams' outputs then HAF's, flattened, (B, S·D + D_haf).
     """
 
-    def __init__(self, fuse: nn.Module, prednet: nn.Module, streams: int, dim: int, haf_dim: int) -> None:
+    def __init__(
+        self,
+        fuse: nn.Module,
+        prednet: nn.Module,
+        streams: int,
+        dim: int,
+        haf_dim: int,
+        max_entries: int = 1 << 22,
+        chunk: int = 1024,
+    ) -> None:
         super().__init__()
         if fuse.training or prednet.training:
             raise ValueError("fold a trained model in eval mode: BatchNorm's running statistics are folded")
@@ -159,7 +173,13 @@ class FoldedClassifier(nn.Module):
         with torch.no_grad():
             n = width + haf_dim
             offset = apply(torch.zeros(1, n))
-            matrix = apply(torch.eye(n)) - offset  # row i: the logits' response to input i
+            if n * offset.shape[1] > max_entries:
+                raise ValueError(f"a dense {n} × {offset.shape[1]} map would outweigh the fusion it replaces")
+            units = [  # row i: the logits' response to input i, a chunk of unit vectors at a time
+                apply(nn.functional.one_hot(torch.arange(i, min(i + chunk, n)), n).float())
+                for i in range(0, n, chunk)
+            ]
+            matrix = torch.cat(units) - offset
             probe = torch.randn(4, n, generator=torch.Generator().manual_seed(0))
             if not torch.allclose(probe @ matrix + offset, apply(probe), rtol=1e-3, atol=1e-4):
                 raise ValueError(f"{type(fuse).__name__} is not affine in eval mode; it runs as trained")

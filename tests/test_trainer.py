@@ -335,7 +335,7 @@ def test_the_deployed_model_folds_the_heads_and_keeps_the_logits(options, folds)
 
 def test_a_fusion_that_is_not_affine_is_not_folded():
     """FoldedClassifier reads the map off unit vectors, which is only right for an
-    affine fusion; any other runs as trained."""
+    affine fusion; any other runs as trained, as does one whose dense map is too big."""
     from hallucinate.model import FoldedClassifier
     from hallucinate.run import InferenceModel
 
@@ -352,6 +352,10 @@ def test_a_fusion_that_is_not_affine_is_not_folded():
     with pytest.raises(ValueError, match="not affine"):
         FoldedClassifier(Rectified(model.fuse).eval(), *shape)
     FoldedClassifier(model.fuse, *shape)
+    with pytest.raises(ValueError, match="outweigh"):  # (2·16 + 16) × 3 classes
+        FoldedClassifier(model.fuse, *shape, max_entries=3 * 48 - 1)
+    whole = FoldedClassifier(model.fuse, *shape, max_entries=3 * 48)
+    torch.testing.assert_close(FoldedClassifier(model.fuse, *shape, chunk=5).matrix, whole.matrix)
     with pytest.raises(ValueError, match="eval mode"):
         FoldedClassifier(model.fuse, model.prednet.train(), *shape[1:])
     model.eval()
