@@ -109,7 +109,7 @@ class FoldedHeads(nn.Module):
         super().__init__()
         if not heads or not all(h.foldable for h in heads):
             raise ValueError("only fc heads fold; conv heads run as they are")
-        if len({h.body[-1].out_features for h in heads}) > 1:
+        if len({h.out_dim for h in heads}) > 1:
             raise ValueError("heads of different output sizes do not stack")
         firsts, shifts, lasts, biases = [], [], [], []
         with torch.no_grad():
