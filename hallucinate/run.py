@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from hallucinate.backbones import create_backbone
 from hallucinate.data import ClipDataset, ClipSpec
-from hallucinate.metrics import classification_metrics, stream_quality
+from hallucinate.metrics import classification_metrics, label_r2, stream_quality
 from hallucinate.model import FoldedClassifier, FoldedHeads, HallucinationNet, StreamSpec, load_model_state
 from hallucinate.power_norm import create_power_norm
 from hallucinate.trainer import Schedule, Trainer, build_hallucination_loss, seed_everything, to_device
@@ -102,6 +102,12 @@ def train_model(
     loss = None
     if streams:
         model.set_target_statistics(splits.train.target_statistics())
+        share = label_r2(targets(model, splits.train), targets(model, splits.val), num_classes)
+        log(
+            "label R2 of each stream's target (validation; near 0: its ground truth is mostly "
+            "not about the classes): "
+            + ", ".join(f"{s.name} {r:.2f}" for s, r in zip(streams, share, strict=True))
+        )
         if hasattr(model.fuse, "set_prior"):
             prior = fusion_prior(splits.train, splits.val)
             log(
@@ -129,6 +135,19 @@ def train_model(
         progress=progress,
     )
     return trainer
+
+
+@torch.no_grad()
+def targets(
+    model: HallucinationNet, ds: ClipDataset, max_videos: int = 2000
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sketched targets, labels, mask) of at most ``max_videos`` videos, read from the store only."""
+    records = ds.records[:max_videos]
+    rows = [ds.ground_truth(r) for r in records]
+    gt = {s.name: torch.stack([g[s.name] for g, _ in rows]) for s in model.streams}
+    device = next(model.buffers()).device
+    true = model.target({k: v.to(device) for k, v in gt.items()}).cpu()
+    return true, torch.stack([ds.label(r) for r in records]), torch.stack([m for _, m in rows])
 
 
 def fusion_prior(train: ClipDataset, val: ClipDataset, max_videos: int = 2000) -> torch.Tensor:
@@ -314,6 +333,17 @@ def evaluate_run(
         dropped = test["hal"].clone()
         dropped[:, i] = train_mean[:, i]  # the stream carries no information about the clip
         report["drop_one"][name] = score(dropped)
+    report["label_r2"] = dict(
+        zip(
+            model.stream_names,
+            label_r2(
+                tuple(train[k].cpu() for k in ("true", "label", "mask")),
+                tuple(test[k].cpu() for k in ("true", "label", "mask")),
+                model.prednet[-1].out_features,
+            ),
+            strict=True,
+        )
+    )
     report["quality"] = {
         split: dict(
             zip(

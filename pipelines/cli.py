@@ -563,11 +563,13 @@ def format_report(report: dict) -> str:
             lines.append(f"{name:<{w}}" + "".join(f"{values[m]:>16.3f}" for m in metrics))
         lines.append(
             f"\n{'stream quality':<{w}}{'R2 train':>10}{'R2 test':>10}{'cos train':>11}{'cos test':>10}"
+            + (f"{'R2 label':>10}" if "label_r2" in report else "")
         )
         for name in report["streams"]:
             tr, te = report["quality"]["train"][name], report["quality"]["test"][name]
             lines.append(
                 f"{name:<{w}}{tr['r2']:>10.3f}{te['r2']:>10.3f}{tr['cosine']:>11.3f}{te['cosine']:>10.3f}"
+                + (f"{report['label_r2'][name]:>10.3f}" if "label_r2" in report else "")
             )
         lines += _quality_notes(report)
     if report.get("loss") == "none":
@@ -577,6 +579,12 @@ def format_report(report: dict) -> str:
             "descriptors: the hallucinated row is what the extra heads give without hallucination.",
         ]
     return "\n".join(lines)
+
+
+# R² of the label's best affine map to a stream's ground truth below which the
+# report says the descriptor is mostly not about the classes (on the demo: IDT's
+# BoW 0.19, the default set's visual descriptors under 0.05, audio 0.42-0.51).
+LOW_LABEL_R2 = 0.1
 
 
 def _quality_notes(report: dict) -> list[str]:
@@ -596,6 +604,13 @@ def _quality_notes(report: dict) -> list[str]:
         notes.append(
             "note: fits its training clips but not the test clips (R2 test < 0): "
             f"{', '.join(ungeneral)}; more training videos, or fewer streams, may help"
+        )
+    # Written by evaluations since 2026-11-24; older evaluation.json files lack it.
+    nuisance = [n for n, r in report.get("label_r2", {}).items() if r < LOW_LABEL_R2]
+    if nuisance:
+        notes.append(
+            f"note: under {LOW_LABEL_R2} of its test ground truth is explained by the label (R2 label), "
+            f"so regressing it mostly teaches what varies within a class: {', '.join(nuisance)}"
         )
     return ["", *notes] if notes else []  # a blank line after the table, whichever note comes first
 

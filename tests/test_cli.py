@@ -141,7 +141,9 @@ def test_train_and_evaluate_end_to_end(tiny_demo_root, tmp_path, capsys):
     ]
     capsys.readouterr()
     assert main(["train", *common, f"features={store}", f"run={run}", *small]) == 0
-    assert "decode" not in capsys.readouterr().err  # progress=false silences the preload bar too
+    trained = capsys.readouterr()
+    assert "decode" not in trained.err  # progress=false silences the preload bar too
+    assert "label R2 of each stream's target (validation" in trained.err
     for name in ("model", "baseline"):
         assert (run / name / "best.pt").is_file() and (run / name / "last.pt").is_file()
         assert len((run / name / "metrics.jsonl").read_text().splitlines()) == 2
@@ -155,9 +157,10 @@ def test_train_and_evaluate_end_to_end(tiny_demo_root, tmp_path, capsys):
     assert "decode" in captured.err
     assert main(["evaluate", *common, f"features={store}", f"run={run}", "progress=false"]) == 0
     assert "decode" not in capsys.readouterr().err
-    for word in ("rgb_only", "hallucinated", "oracle", "audio.logmel/stats", "R2 train"):
+    for word in ("rgb_only", "hallucinated", "oracle", "audio.logmel/stats", "R2 train", "R2 label"):
         assert word in out
     report = json.loads((run / "evaluation.json").read_text())
+    assert set(report["label_r2"]) == set(report["streams"])
     assert set(report["protocols"]) == {"rgb_only", "hallucinated", "oracle"}
     assert report["loss"] == "mse"
     assert (run / "curves.png").is_file() and (run / "quality.png").is_file()
@@ -278,6 +281,13 @@ def test_the_report_says_which_streams_hallucinate_nothing():
     assert len(ungeneral) == 1 and "b/y" in ungeneral[0] and "a/x" not in ungeneral[0]
     assert not any("c/z" in line for line in unfit + ungeneral)
     assert "loss=none" not in "\n".join(lines)
+    assert "R2 label" not in lines[0] and not any("R2 label" in line for line in lines)  # an older report
+    report["label_r2"] = {"a/x": 0.5, "b/y": 0.02, "c/z": float("nan")}
+    lines = format_report(report).splitlines()
+    assert next(line for line in lines if line.startswith("stream quality")).endswith("R2 label")
+    nuisance = [line for line in lines if "explained by the label" in line]
+    assert len(nuisance) == 1 and nuisance[0].endswith(": b/y")
+    del report["label_r2"]
     report["loss"] = "none"  # the control: its streams' accuracy is not hallucination's
     assert "note: trained with loss=none (the control)" in format_report(report)
 
@@ -293,6 +303,7 @@ def test_the_report_columns_stay_aligned_for_long_stream_names():
         "protocols": {"hallucinated": metrics},
         "drop_one": dict.fromkeys(names, metrics),
         "quality": {"train": quality, "test": quality},
+        "label_r2": dict.fromkeys(names, 0.3),
     }
     lines = format_report(report).splitlines()
     drop = lines[lines.index(next(line for line in lines if line.startswith("drop one"))) :][:3]

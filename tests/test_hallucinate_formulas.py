@@ -199,3 +199,38 @@ def test_stream_heads_keep_their_hidden_units_alive(kind):
         pred = pn(head(x))
     assert dead.float().mean() < 0.1
     assert 1 - (pred - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum() > 0.7
+
+
+def test_label_r2_is_the_share_of_the_target_the_classes_explain():
+    from hallucinate.metrics import label_r2
+
+    rng = np.random.default_rng(0)
+    n, classes, d = 4000, 5, 8
+    means = rng.normal(0, 1, (classes, d))  # between-class variance 1 per coordinate
+    y = torch.from_numpy(rng.integers(0, classes, n))
+    informative = means[y.numpy()] + rng.normal(0, 1, (n, d))  # within-class variance 1: R² 1/2
+    nuisance = rng.normal(0, 1, (n, d))  # nothing to do with the class: R² 0
+    t = torch.from_numpy(np.stack([informative, nuisance], 1)).float()
+    mask = torch.ones(n, 2, dtype=torch.bool)
+    mask[:50, 0] = False
+    t[:50, 0] = 1e6  # missing ground truth is ignored, on both sides
+    half = n // 2
+    fit, out = (t[:half], y[:half], mask[:half]), (t[half:], y[half:], mask[half:])
+    share, none = label_r2(fit, out, classes)
+    expected = means.var(0).mean() / (means.var(0).mean() + 1.0)
+    assert share == pytest.approx(expected, abs=0.05)
+    assert none == pytest.approx(0.0, abs=0.02)
+
+    # Multi-label: multi-hot rows plus an intercept, so an affine target is recovered exactly.
+    hot = torch.from_numpy(rng.integers(0, 2, (n, classes))).float()
+    w = rng.normal(0, 1, (classes, d))
+    affine = torch.from_numpy(hot.numpy() @ w + 3.0).float()[:, None]
+    ones = torch.ones(n, 1, dtype=torch.bool)
+    (exact,) = label_r2(
+        (affine[:half], hot[:half], ones[:half]), (affine[half:], hot[half:], ones[half:]), classes
+    )
+    assert exact == pytest.approx(1.0, abs=1e-6)
+
+    few = ones.clone()
+    few[1:] = False  # one clip with ground truth: no R²
+    assert math.isnan(label_r2((affine, hot, few), (affine, hot, ones), classes)[0])
