@@ -68,11 +68,14 @@ def label_r2(
             return np.eye(num_classes)[labels.numpy().clip(0, num_classes - 1)]
         return np.concatenate([labels.numpy(), np.ones((len(labels), 1))], 1)
 
+    def labelled(labels: torch.Tensor) -> np.ndarray:
+        return (labels >= 0).numpy() if labels.ndim == 1 else np.ones(len(labels), bool)  # -1: no label
+
     (t_fit, y_fit, m_fit), (t_out, y_out, m_out) = fit, held_out
     x_fit, x_out = design(y_fit), design(y_out)
     out = []
     for i in range(t_fit.shape[1]):
-        a, b = m_fit[:, i].numpy(), m_out[:, i].numpy()
+        a, b = m_fit[:, i].numpy() & labelled(y_fit), m_out[:, i].numpy() & labelled(y_out)
         if a.sum() < 2 or b.sum() < 2:
             out.append(float("nan"))
             continue

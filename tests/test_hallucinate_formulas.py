@@ -214,6 +214,8 @@ def test_label_r2_is_the_share_of_the_target_the_classes_explain():
     mask = torch.ones(n, 2, dtype=torch.bool)
     mask[:50, 0] = False
     t[:50, 0] = 1e6  # missing ground truth is ignored, on both sides
+    y[50:60] = -1  # so are clips without a label
+    t[50:60] = 1e6
     half = n // 2
     fit, out = (t[:half], y[:half], mask[:half]), (t[half:], y[half:], mask[half:])
     share, none = label_r2(fit, out, classes)
