@@ -206,9 +206,9 @@ def test_label_r2_is_the_share_of_the_target_the_classes_explain():
 
     rng = np.random.default_rng(0)
     n, classes, d = 4000, 5, 8
-    means = rng.normal(0, 1, (classes, d))  # between-class variance 1 per coordinate
+    means = rng.normal(0, 1, (classes, d))  # between-class variance about 1 per coordinate
     y = torch.from_numpy(rng.integers(0, classes, n))
-    informative = means[y.numpy()] + rng.normal(0, 1, (n, d))  # within-class variance 1: R² 1/2
+    informative = means[y.numpy()] + rng.normal(0, 1, (n, d))  # within-class variance 1: R² about 1/2
     nuisance = rng.normal(0, 1, (n, d))  # nothing to do with the class: R² 0
     t = torch.from_numpy(np.stack([informative, nuisance], 1)).float()
     mask = torch.ones(n, 2, dtype=torch.bool)
