@@ -102,14 +102,15 @@ def train_model(
     loss = None
     if streams:
         model.set_target_statistics(splits.train.target_statistics())
-        share = label_r2(targets(model, splits.train), targets(model, splits.val), num_classes)
+        train_rows, val_rows = ground_truth_rows(splits.train), ground_truth_rows(splits.val)
+        share = label_r2(targets(model, train_rows), targets(model, val_rows), num_classes)
         log(
             "label R2 of each stream's target (validation; near 0: its ground truth is mostly "
             "not about the classes): "
             + ", ".join(f"{s.name} {r:.2f}" for s, r in zip(streams, share, strict=True))
         )
         if hasattr(model.fuse, "set_prior"):
-            prior = fusion_prior(splits.train, splits.val)
+            prior = fusion_prior(train_rows, val_rows, streams, num_classes)
             log(
                 "fusion prior w' (validation accuracy of a linear SVM on each stream's ground truth): "
                 + ", ".join(f"{s.name} {p:.2f}" for s, p in zip(streams, prior.tolist(), strict=True))
@@ -137,23 +138,33 @@ def train_model(
     return trainer
 
 
+GroundTruthRows = list[tuple[tuple[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]]
+
+
+def ground_truth_rows(ds: ClipDataset, max_videos: int = 2000) -> GroundTruthRows:
+    """((ground truth, mask), label) of at most ``max_videos`` videos, read from the
+    store only: the label R² and the fusion prior printed at the start of training
+    are both computed from it, so it is read once for the two."""
+    return [(ds.ground_truth(r), ds.label(r)) for r in ds.records[:max_videos]]
+
+
 @torch.no_grad()
 def targets(
-    model: HallucinationNet, ds: ClipDataset, max_videos: int = 2000
+    model: HallucinationNet, rows: GroundTruthRows
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sketched targets, labels, mask) of at most ``max_videos`` videos, read from the store only."""
-    records = ds.records[:max_videos]
-    rows = [ds.ground_truth(r) for r in records]
-    gt = {s.name: torch.stack([g[s.name] for g, _ in rows]) for s in model.streams}
+    """(sketched targets, labels, mask) of ``ground_truth_rows``, as ``label_r2`` takes them."""
+    gt = {s.name: torch.stack([g[s.name] for (g, _), _ in rows]) for s in model.streams}
     device = next(model.buffers()).device
     true = model.target({k: v.to(device) for k, v in gt.items()}).cpu()
-    return true, torch.stack([ds.label(r) for r in records]), torch.stack([m for _, m in rows])
+    return true, torch.stack([y for _, y in rows]), torch.stack([m for (_, m), _ in rows])
 
 
-def fusion_prior(train: ClipDataset, val: ClipDataset, max_videos: int = 2000) -> torch.Tensor:
+def fusion_prior(
+    train_rows: GroundTruthRows, val_rows: GroundTruthRows, streams: list[StreamSpec], num_classes: int
+) -> torch.Tensor:
     """w′ of Eq. 22: per stream, the validation accuracy of a linear SVM trained on its
-    ground-truth descriptor (on at most ``max_videos`` training videos, as the paper
-    used "a subset"). A stream that cannot be scored gets chance level."""
+    ground-truth descriptor (``ground_truth_rows``: at most 2,000 training videos, as
+    the paper used "a subset"). A stream that cannot be scored gets chance level."""
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
@@ -165,11 +176,9 @@ def fusion_prior(train: ClipDataset, val: ClipDataset, max_videos: int = 2000) -
         ]
         return [x for x, _ in keep], [y for _, y in keep]
 
-    train_rows = [(train.ground_truth(r), train.label(r)) for r in train.records[:max_videos]]
-    val_rows = [(val.ground_truth(r), val.label(r)) for r in val.records[:max_videos]]
-    chance = 1.0 / max(train.num_classes, 1)
+    chance = 1.0 / max(num_classes, 1)
     prior = []
-    for i, stream in enumerate(train.streams):
+    for i, stream in enumerate(streams):
         (xt, yt), (xv, yv) = xy(train_rows, i, stream.name), xy(val_rows, i, stream.name)
         if len(set(yt)) < 2 or not yv:
             prior.append(chance)
