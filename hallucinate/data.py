@@ -243,20 +243,6 @@ class ClipDataset(Dataset):
                 gt[stream.name] = torch.zeros(stream.dim)
         return gt, mask
 
-    def target_statistics(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per-dimension mean and std of each stream's descriptor over the videos that have it."""
-        sums = {s.name: [] for s in self.streams}
-        for record in self.records:
-            gt, mask = self.ground_truth(record)
-            for i, stream in enumerate(self.streams):
-                if mask[i]:
-                    sums[stream.name].append(gt[stream.name])
-        stats = {}
-        for stream in self.streams:
-            values = torch.stack(sums[stream.name]) if sums[stream.name] else torch.zeros(1, stream.dim)
-            stats[stream.name] = (values.mean(0), values.std(0, unbiased=False))
-        return stats
-
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
         span = None

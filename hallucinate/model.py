@@ -246,7 +246,8 @@ class HallucinationNet(nn.Module):
         return torch.stack([self.power_norm(h(x_rgb)) for h in self.heads.values()], 1)
 
     def set_target_statistics(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Per-dimension mean and std of each descriptor over the training set."""
+        """Per-dimension mean and std of each descriptor over the training set (a sample of
+        at most 2,000 videos on large sets: ``hallucinate.run.target_statistics``)."""
         for name, (mean, std) in stats.items():
             getattr(self, f"gt_mean__{_key(name)}").copy_(mean)
             getattr(self, f"gt_std__{_key(name)}").copy_(std.clamp(min=1e-6))

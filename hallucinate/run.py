@@ -101,8 +101,11 @@ def train_model(
     model = options.build(streams, num_classes, clip, seed)
     loss = None
     if streams:
-        model.set_target_statistics(splits.train.target_statistics())
-        train_rows, val_rows = ground_truth_rows(splits.train), ground_truth_rows(splits.val)
+        train_rows, val_rows = (
+            ground_truth_rows(splits.train, seed=seed),
+            ground_truth_rows(splits.val, seed=seed),
+        )
+        model.set_target_statistics(target_statistics(train_rows, streams))
         share = label_r2(targets(model, train_rows), targets(model, val_rows), num_classes)
         log(
             "label R2 of each stream's target (validation; near 0: its ground truth is mostly "
@@ -141,11 +144,38 @@ def train_model(
 GroundTruthRows = list[tuple[tuple[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]]
 
 
-def ground_truth_rows(ds: ClipDataset, max_videos: int = 2000) -> GroundTruthRows:
+def ground_truth_rows(ds: ClipDataset, max_videos: int = 2000, seed: int = 0) -> GroundTruthRows:
     """((ground truth, mask), label) of at most ``max_videos`` videos, read from the
-    store only: the label R² and the fusion prior printed at the start of training
-    are both computed from it, so it is read once for the two."""
-    return [(ds.ground_truth(r), ds.label(r)) for r in ds.records[:max_videos]]
+    store only: the target statistics, the label R² and the fusion prior computed
+    at the start of training all come from it, so the store is read once for the three.
+
+    Above ``max_videos`` the videos are a seeded random sample, not the first
+    ones: annotation files are often sorted by class (Kinetics' CSVs are), and
+    the first 2,000 of 240,000 training videos would hold 4 of 400 classes.
+    All of them, in order, when there are fewer.
+    """
+    records = ds.records
+    if len(records) > max_videos:
+        picked = np.random.default_rng(seed).choice(len(records), max_videos, replace=False)
+        records = [records[i] for i in np.sort(picked)]
+    return [(ds.ground_truth(r), ds.label(r)) for r in records]
+
+
+def target_statistics(
+    rows: GroundTruthRows, streams: list[StreamSpec]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-dimension mean and std of each stream's descriptor over the rows that have it
+    (``HallucinationNet.target`` standardises with them). From the same sample as
+    the label R² and the fusion prior: a mean and a spread need no more than 2,000
+    videos, and reading every training video's ground truth once more took as long
+    as the rest of the start-up on a large set. A stream with no ground truth in
+    the rows gets mean 0 and std 0 (clamped by the model), as before."""
+    stats = {}
+    for i, stream in enumerate(streams):
+        have = [gt[stream.name] for (gt, mask), _ in rows if mask[i]]
+        values = torch.stack(have) if have else torch.zeros(1, stream.dim)
+        stats[stream.name] = (values.mean(0), values.std(0, unbiased=False))
+    return stats
 
 
 @torch.no_grad()
