@@ -141,11 +141,19 @@ def train_model(
     return trainer
 
 
-GroundTruthRows = list[tuple[tuple[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]]
+@dataclass(frozen=True)
+class GroundTruthRows:
+    """The ground truth of some videos of a split, stacked: ``gt`` maps each stream to
+    (N, D) (zeros where absent), ``labels`` is (N,) class indices (-1: none) or
+    (N, classes) multi-hot, ``mask`` (N, S) says which streams have ground truth."""
+
+    gt: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    mask: torch.Tensor
 
 
 def ground_truth_rows(ds: ClipDataset, max_videos: int = 2000, seed: int = 0) -> GroundTruthRows:
-    """((ground truth, mask), label) of at most ``max_videos`` videos, read from the
+    """The ground truth and labels of at most ``max_videos`` videos, read from the
     store only: the target statistics, the label R² and the fusion prior computed
     at the start of training all come from it, so the store is read once for the three.
 
@@ -158,7 +166,12 @@ def ground_truth_rows(ds: ClipDataset, max_videos: int = 2000, seed: int = 0) ->
     if len(records) > max_videos:
         picked = np.random.default_rng(seed).choice(len(records), max_videos, replace=False)
         records = [records[i] for i in np.sort(picked)]
-    return [(ds.ground_truth(r), ds.label(r)) for r in records]
+    read = [ds.ground_truth(r) for r in records]
+    return GroundTruthRows(
+        {s.name: torch.stack([gt[s.name] for gt, _ in read]) for s in ds.streams},
+        torch.stack([ds.label(r) for r in records]),
+        torch.stack([mask for _, mask in read]),
+    )
 
 
 def target_statistics(
@@ -172,8 +185,9 @@ def target_statistics(
     the rows gets mean 0 and std 0 (clamped by the model), as before."""
     stats = {}
     for i, stream in enumerate(streams):
-        have = [gt[stream.name] for (gt, mask), _ in rows if mask[i]]
-        values = torch.stack(have) if have else torch.zeros(1, stream.dim)
+        values = rows.gt[stream.name][rows.mask[:, i]]
+        if not len(values):
+            values = torch.zeros(1, stream.dim)
         stats[stream.name] = (values.mean(0), values.std(0, unbiased=False))
     return stats
 
@@ -183,10 +197,9 @@ def targets(
     model: HallucinationNet, rows: GroundTruthRows
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sketched targets, labels, mask) of ``ground_truth_rows``, as ``label_r2`` takes them."""
-    gt = {s.name: torch.stack([g[s.name] for (g, _), _ in rows]) for s in model.streams}
     device = next(model.buffers()).device
-    true = model.target({k: v.to(device) for k, v in gt.items()}).cpu()
-    return true, torch.stack([y for _, y in rows]), torch.stack([m for (_, m), _ in rows])
+    true = model.target({s.name: rows.gt[s.name].to(device) for s in model.streams}).cpu()
+    return true, rows.labels, rows.mask
 
 
 def fusion_prior(
@@ -194,23 +207,21 @@ def fusion_prior(
 ) -> torch.Tensor:
     """w′ of Eq. 22: per stream, the validation accuracy of a linear SVM trained on its
     ground-truth descriptor (``ground_truth_rows``: at most 2,000 training videos, as
-    the paper used "a subset"). A stream that cannot be scored gets chance level."""
+    the paper used "a subset"). A stream that cannot be scored gets chance level,
+    as does every stream of multi-label data."""
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
-    def xy(rows, i: int, name: str) -> tuple[list, list]:
-        keep = [
-            (gt[name].numpy(), int(label))
-            for (gt, mask), label in rows
-            if mask[i] and label.ndim == 0 and int(label) >= 0
-        ]
-        return [x for x, _ in keep], [y for _, y in keep]
+    def xy(rows: GroundTruthRows, i: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+        single = rows.labels.ndim == 1
+        keep = rows.mask[:, i] & (rows.labels >= 0) if single else torch.zeros_like(rows.mask[:, i])
+        return rows.gt[name][keep].numpy(), rows.labels[keep].numpy()
 
     chance = 1.0 / max(num_classes, 1)
     prior = []
     for i, stream in enumerate(streams):
         (xt, yt), (xv, yv) = xy(train_rows, i, stream.name), xy(val_rows, i, stream.name)
-        if len(set(yt)) < 2 or not yv:
+        if len(set(yt.tolist())) < 2 or not len(yv):
             prior.append(chance)
             continue
         scaler = StandardScaler().fit(xt)

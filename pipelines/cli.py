@@ -407,7 +407,7 @@ def _without_sparse_streams(
     from hallucinate.data import sparse_streams
 
     sparse = sparse_streams(streams, coverage, n_videos, max(min_coverage, WARN_COVERAGE))
-    drop = set() if keep else {name for name, n in sparse.items() if n < min_coverage * n_videos}
+    drop = set() if keep else set(sparse_streams(streams, coverage, n_videos, min_coverage))
     for name, n in sparse.items():
         if name in drop:
             what = f"leaving it out (min_coverage={min_coverage}; min_coverage=0 keeps it)"

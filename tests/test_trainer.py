@@ -495,6 +495,7 @@ def test_start_up_ground_truth_samples_every_class_of_a_sorted_set_and_gives_its
     """Kinetics' annotation files are sorted by class: the first 2,000 of its
     training videos hold 4 of 400 classes, and a fusion prior, target statistics
     and label R² read off them would describe those 4 only."""
+    from dataclasses import replace
     from types import SimpleNamespace
 
     from hallucinate.run import ground_truth_rows, target_statistics
@@ -506,21 +507,24 @@ def test_start_up_ground_truth_samples_every_class_of_a_sorted_set_and_gives_its
         value = torch.tensor([float(r.cls), float(r.i), 1.0])
         return {stream.name: value}, torch.tensor([r.i % 4 != 0])  # a quarter have no ground truth
 
-    ds = SimpleNamespace(records=records, ground_truth=ground_truth, label=lambda r: torch.tensor(r.cls))
+    ds = SimpleNamespace(
+        records=records, streams=[stream], ground_truth=ground_truth, label=lambda r: torch.tensor(r.cls)
+    )
     rows = ground_truth_rows(ds, max_videos=100, seed=3)
-    labels = [int(y) for _, y in rows]
-    assert len(rows) == 100 and len(set(labels)) >= 40  # the first 100 would be 3 classes
+    labels = rows.labels.tolist()
+    assert len(labels) == 100 and len(set(labels)) >= 40  # the first 100 would be 3 classes
     assert labels == sorted(labels)  # the store is read in the annotation's order
-    assert [int(y) for _, y in ground_truth_rows(ds, max_videos=100, seed=3)] == labels  # seeded
-    assert len(ground_truth_rows(ds, max_videos=5000)) == len(records)  # all, when fewer
+    assert rows.gt[stream.name][:, 0].tolist() == labels  # each row's ground truth is its video's
+    assert ground_truth_rows(ds, max_videos=100, seed=3).labels.tolist() == labels  # seeded
+    assert len(ground_truth_rows(ds, max_videos=5000).labels) == len(records)  # all, when fewer
 
     mean, std = target_statistics(rows, [stream])[stream.name]
-    have = torch.stack([gt[stream.name] for (gt, mask), _ in rows if mask[0]])
-    assert len(have) < len(rows)  # rows without ground truth are left out
+    have = torch.stack([g for g, m in zip(rows.gt[stream.name], rows.mask[:, 0], strict=True) if m])
+    assert len(have) < len(labels)  # rows without ground truth are left out
     torch.testing.assert_close(mean, have.mean(0))
     torch.testing.assert_close(std, have.std(0, unbiased=False))
     assert std[2] == 0 and 15 < mean[0] < 35  # a constant column; a class mean near 24.5
-    empty = target_statistics([((g, torch.tensor([False])), y) for (g, _), y in rows], [stream])
+    empty = target_statistics(replace(rows, mask=torch.zeros_like(rows.mask)), [stream])
     assert torch.equal(empty[stream.name][0], torch.zeros(3))
 
 
