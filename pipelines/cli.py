@@ -122,9 +122,12 @@ class TrainConfig(RunLocation):
     # Frozen-backbone mode: train on X_rgb stored by the rgb.features extractor
     # (rgb_features=rgb.features/x_rgb) instead of decoding video; backbone is then ignored.
     rgb_features: str | None = None
-    frames: int = 16
-    size: int = 72
-    short_side: int = 72
+    # Clip and optimiser settings left at None take the backbone's defaults
+    # (hallucinate.backbones.TrainingDefaults): the paper's 64 frames and Adam at
+    # 1e-4 for the video backbones, 16 frames at 72² and 1e-3 for tiny3d.
+    frames: int | None = None
+    size: int | None = None
+    short_side: int | None = None
     fps: float | None = None
     d: int = 128
     copies: int = 1
@@ -139,8 +142,8 @@ class TrainConfig(RunLocation):
     kappa: float = 1.0
     alpha: float = 1.0
     epochs: int = 30
-    batch_size: int = 16
-    lr: float = 1e-3
+    batch_size: int | None = None
+    lr: float | None = None
     lr_step: int = 10
     warmup: int = 0  # epochs of linear learning-rate warm-up
     weight_decay: float = 0.0
@@ -424,6 +427,24 @@ def _without_sparse_streams(
     return [s for s in streams if s.name not in drop]
 
 
+def with_backbone_defaults(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with every clip and optimiser setting left at None taken from its
+    backbone (the frozen-backbone mode's, with ``rgb_features``).
+
+    Resolved here, at the edge, so that ``config.json`` records the values
+    that were trained with, and the rest of the code never sees a None.
+    """
+    from hallucinate.backbones import BACKBONES
+
+    defaults = BACKBONES.get("precomputed" if cfg.rgb_features else cfg.backbone).defaults
+    unset = {
+        f.name: getattr(defaults, f.name)
+        for f in dataclasses.fields(defaults)
+        if getattr(cfg, f.name) is None
+    }
+    return dataclasses.replace(cfg, **unset)
+
+
 def cmd_train(cfg: TrainConfig) -> int:
     import json
 
@@ -431,6 +452,7 @@ def cmd_train(cfg: TrainConfig) -> int:
     from hallucinate.run import EXPORTERS, ModelOptions, train_model
     from hallucinate.trainer import Schedule, build_hallucination_loss
 
+    cfg = with_backbone_defaults(cfg)
     unknown = [f for f in cfg.export_formats if f not in EXPORTERS]
     if unknown:
         raise ConfigError(f"export_formats: unknown {unknown}; use {', '.join(EXPORTERS)}")

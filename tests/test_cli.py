@@ -122,6 +122,26 @@ def test_shipped_configs_parse(name):
     assert resolve_extractors(cfg.extractors, cfg.options)
 
 
+def test_clip_and_optimiser_defaults_come_from_the_backbone():
+    """Unset clip and optimiser keys take the backbone's defaults (the paper's 64
+    frames and lr 1e-4 for video backbones, the demo's for tiny3d); given ones win."""
+    from pipelines.cli import TrainConfig, with_backbone_defaults
+    from pipelines.config import build_config
+
+    def resolved(*overrides):
+        cfg = with_backbone_defaults(build_config(TrainConfig, overrides=overrides))
+        return cfg.frames, cfg.size, cfg.short_side, cfg.lr, cfg.batch_size
+
+    assert resolved() == (16, 72, 72, 1e-3, 16)  # tiny3d: what make demo trains with
+    assert resolved("backbone=r3d_18") == (64, 112, 128, 1e-4, 32)  # its Kinetics weights' crop
+    assert resolved("backbone=s3d") == (64, 224, 256, 1e-4, 32)
+    assert resolved("backbone=mvit_v2_s")[:2] == (16, 224)
+    assert resolved("backbone=r3d_18", "frames=32", "lr=0.01") == (32, 112, 128, 0.01, 32)
+    assert resolved("rgb_features=rgb.features/x_rgb")[3:] == (1e-4, 32)  # frozen mode: HAF + PredNet
+    with pytest.raises(ConfigError, match="r3d_18"):
+        resolved("backbone=r3d18")
+
+
 def test_train_and_evaluate_end_to_end(tiny_demo_root, tmp_path, capsys):
     import json
 
@@ -144,6 +164,8 @@ def test_train_and_evaluate_end_to_end(tiny_demo_root, tmp_path, capsys):
     trained = capsys.readouterr()
     assert "decode" not in trained.err  # progress=false silences the preload bar too
     assert "label R2 of each stream's target (validation" in trained.err
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["batch_size"], saved["lr"]) == (8, 1e-3)  # given, and tiny3d's default: no None
     for name in ("model", "baseline"):
         assert (run / name / "best.pt").is_file() and (run / name / "last.pt").is_file()
         assert len((run / name / "metrics.jsonl").read_text().splitlines()) == 2
