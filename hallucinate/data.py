@@ -26,7 +26,7 @@ from extractors.codebooks import FINISHERS, pool_frames
 from hallucinate.model import StreamSpec
 from pipelines.datasets import VideoRecord
 from pipelines.decode import iter_frames
-from pipelines.errors import DatasetError
+from pipelines.errors import DatasetError, HallucinateError
 from pipelines.store import DONE, TIMESTAMPS, ShardIndex, ShardReader, read_shard, shard_path
 
 
@@ -121,6 +121,51 @@ def discover_streams(
     return streams
 
 
+def decode_video(record: VideoRecord, spec: FrameSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (n, H, W, 3) of a whole video at ``spec``, and their times in seconds."""
+    batches = list(iter_frames(record.path, spec))
+    return np.concatenate([b.frames for b in batches]), np.concatenate([b.timestamps for b in batches])
+
+
+@dataclass(frozen=True)
+class PreloadPlan:
+    preload: bool
+    reason: str  # one line for the log: the estimate and what to set to override it
+
+
+def plan_preload(
+    records: list[VideoRecord], spec: ClipSpec, available: int, share: float = 0.25, probe: int = 3
+) -> PreloadPlan:
+    """Whether every video of a run, decoded at the clip's short side, fits in ``share`` of
+    ``available`` bytes of memory, estimated from the first videos that decode.
+
+    Why an estimate and not a count: preloading is what makes the demo train
+    in minutes, but a set of a few thousand full-length videos at a 256
+    short side takes hundreds of gigabytes, and the run would die of memory
+    after hours of decoding instead of streaming from the start.
+    """
+    frame_spec = FrameSpec(fps=spec.fps, short_side=spec.short_side)
+    sizes = []
+    for record in records[:probe]:
+        try:
+            frames, times = decode_video(record, frame_spec)
+        except (HallucinateError, OSError):  # named again, with its fix, when the run reaches it
+            continue
+        sizes.append(frames.nbytes + times.nbytes)
+    if not sizes:
+        return PreloadPlan(False, f"preload=auto: none of the first {probe} videos can be read; streaming")
+    need = sum(sizes) / len(sizes) * len(records)
+    gb = f"about {need / 1e9:.1f} GB for {len(records)} videos, {available / 1e9:.1f} GB available"
+    if need <= share * available:
+        return PreloadPlan(
+            True, f"preload=auto: holding the videos' frames in memory ({gb}; preload=false streams)"
+        )
+    return PreloadPlan(
+        False,
+        f"preload=auto: streaming, the videos' frames would not fit in memory ({gb}; preload=true forces it)",
+    )
+
+
 class ClipDataset(Dataset):
     """Clips of ``records`` with their streams' ground truth from ``store``.
 
@@ -166,9 +211,7 @@ class ClipDataset(Dataset):
         self.rng = np.random.default_rng(seed)
 
     def _decode(self, record: VideoRecord) -> tuple[np.ndarray, np.ndarray]:
-        """Frames (n, H, W, 3) and their times in seconds."""
-        batches = list(iter_frames(record.path, self.frame_spec))
-        return np.concatenate([b.frames for b in batches]), np.concatenate([b.timestamps for b in batches])
+        return decode_video(record, self.frame_spec)
 
     def __len__(self) -> int:
         return len(self.records)

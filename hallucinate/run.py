@@ -72,9 +72,26 @@ class Splits:
     test: ClipDataset
 
 
+def _seed_worker(worker_id: int) -> None:
+    """Gives each DataLoader worker its own clip sampler.
+
+    Every worker gets a copy of the dataset, random state included, so
+    without this they would all draw the same starts, crops and flips. The
+    seed torch hands each worker derives from the run's seed, so runs stay
+    reproducible for a given number of workers.
+    """
+    info = torch.utils.data.get_worker_info()
+    info.dataset.reseed(info.seed)
+
+
 def loader(ds: ClipDataset, batch_size: int, workers: int, shuffle: bool = False) -> DataLoader:
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, persistent_workers=workers > 0
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        worker_init_fn=_seed_worker if workers > 0 else None,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -151,8 +152,11 @@ class TrainConfig(RunLocation):
     schedule: str = "alternating"  # the paper's two updates per iteration, or "joint" (one, cheaper)
     seed: int = 0
     device: str = "auto"
-    workers: int = 0  # DataLoader workers
-    preload: bool = True  # decode every video once into memory (small datasets)
+    # DataLoader workers; None: none when the videos are preloaded, else min(8, cores)
+    workers: int | None = None
+    # Decode every video once into memory. None (auto): when the decoded videos fit in a
+    # quarter of the free memory (the demo's do), else stream them from disk.
+    preload: bool | None = None
     resume: bool = True
     export: bool = True  # export the RGB-only inference model after training
     export_formats: list[str] = field(default_factory=lambda: ["torchscript"])  # torchscript, onnx
@@ -165,6 +169,7 @@ class EvaluateConfig(RunLocation):
 
     batch_size: int = 32
     device: str = "auto"
+    preload: bool | None = None  # as for train: None decides from the free memory
     progress: bool = True  # the decode bar of the preloaded splits
 
 
@@ -360,6 +365,20 @@ def _load_dataset(cfg):
     return load_dataset(defn, resolve_paths(defn, cfg.data_root, cfg.video_root))
 
 
+def _preload(choice: bool | None, dataset, clip) -> bool:
+    """``preload`` as given, or (None) whether the run's decoded videos fit in memory."""
+    if choice is not None or clip.features:  # frozen-backbone mode decodes nothing
+        return bool(choice)
+    import psutil
+
+    from hallucinate.data import plan_preload
+
+    records = [r for name in ("train", "val", "test") for r in dataset.split(name)]
+    plan = plan_preload(records, clip, psutil.virtual_memory().available)
+    print(plan.reason, file=sys.stderr)
+    return plan.preload
+
+
 def _splits(dataset, store: Path, streams, clip, preload: bool, seed: int, progress: bool):
     """Train / val / test clip datasets of a run (test falls back to val when absent)."""
     from hallucinate.data import ClipDataset
@@ -477,6 +496,9 @@ def cmd_train(cfg: TrainConfig) -> int:
         keep = wanted is not None
         streams = _without_sparse_streams(streams, scan.coverage, len(train_ids), cfg.min_coverage, keep)
     clip = ClipSpec(cfg.frames, cfg.size, cfg.short_side, cfg.fps, cfg.rgb_features)
+    preload = _preload(cfg.preload, dataset, clip)
+    workers = cfg.workers if cfg.workers is not None else 0 if preload else min(8, os.cpu_count() or 1)
+    cfg = dataclasses.replace(cfg, preload=preload, workers=workers)
     backbone, backbone_options = cfg.backbone, dict(cfg.backbone_options)
     if cfg.rgb_features:
         backbone, backbone_options = "precomputed", _stored_x_rgb_shape(store, dataset, cfg.rgb_features)
@@ -565,7 +587,9 @@ def cmd_evaluate(cfg: EvaluateConfig) -> int:
     clip = ClipSpec(**saved["clip"])
     dataset = _load_dataset(cfg)
     store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
-    splits = _splits(dataset, store, streams, clip, True, saved["seed"], cfg.progress)
+    splits = _splits(
+        dataset, store, streams, clip, _preload(cfg.preload, dataset, clip), saved["seed"], cfg.progress
+    )
     report = evaluate_run(run, splits, cfg.batch_size, dataset.multilabel, pick_device(cfg.device))
     print(format_report(report))
     print(f"\nwritten: {run / 'evaluation.json'}, {run / 'curves.png'}, {run / 'quality.png'}")

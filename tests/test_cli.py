@@ -164,8 +164,9 @@ def test_train_and_evaluate_end_to_end(tiny_demo_root, tmp_path, capsys):
     trained = capsys.readouterr()
     assert "decode" not in trained.err  # progress=false silences the preload bar too
     assert "label R2 of each stream's target (validation" in trained.err
-    saved = json.loads((run / "config.json").read_text())
-    assert (saved["batch_size"], saved["lr"]) == (8, 1e-3)  # given, and tiny3d's default: no None
+    assert "preload=auto: holding the videos' frames in memory" in trained.err
+    saved = json.loads((run / "config.json").read_text())  # resolved: no None left
+    assert (saved["batch_size"], saved["lr"], saved["preload"], saved["workers"]) == (8, 1e-3, True, 0)
     for name in ("model", "baseline"):
         assert (run / name / "best.pt").is_file() and (run / name / "last.pt").is_file()
         assert len((run / name / "metrics.jsonl").read_text().splitlines()) == 2

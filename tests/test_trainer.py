@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from extractors.base import FrameSpec
 from hallucinate.backbones import BACKBONES, create_backbone
 from hallucinate.data import ClipDataset, ClipSpec, discover_streams
 from hallucinate.model import TARGET_RMS, HallucinationNet, StreamSpec
@@ -653,3 +654,42 @@ def test_heads_only_hallucination_step_shares_the_backbone_pass(tmp_path):
     params = dict(separate.model.named_parameters())
     for name, value in shared.model.named_parameters():
         torch.testing.assert_close(value, params[name], msg=name)
+
+
+def test_preload_is_chosen_from_the_decoded_size_and_the_free_memory(tiny_demo_root):
+    """preload=auto holds the videos in memory only when their decoded frames fit
+    in a quarter of what is free; a set that does not fit streams instead."""
+    from dataclasses import replace
+
+    from hallucinate.data import decode_video, plan_preload
+    from pipelines.datasets import load_dataset, load_definition, resolve_paths
+
+    defn = load_definition("demo")
+    records = load_dataset(defn, resolve_paths(defn, tiny_demo_root)).records
+    frames, times = decode_video(records[0], FrameSpec(short_side=CLIP.short_side))
+    need = (frames.nbytes + times.nbytes) * len(records)  # the tiny demo's clips share one length
+    assert plan_preload(records, CLIP, available=int(4.1 * need)).preload
+    streamed = plan_preload(records, CLIP, available=int(3.9 * need))
+    assert not streamed.preload and "preload=true forces it" in streamed.reason
+    assert f"for {len(records)} videos" in streamed.reason
+    big = replace(CLIP, short_side=2 * CLIP.short_side)  # four times the pixels
+    assert not plan_preload(records, big, available=int(4.1 * need)).preload
+    missing = [replace(r, path=r.path + ".gone") for r in records]
+    assert not plan_preload(missing, CLIP, available=10**12).preload
+
+
+def test_each_dataloader_worker_draws_its_own_clips(tiny_demo_root):
+    """Workers get copies of the dataset's sampler; each must be reseeded, or all
+    of them crop the same places of their videos."""
+    from hallucinate.run import loader
+    from pipelines.datasets import load_dataset, load_definition, resolve_paths
+
+    defn = load_definition("demo")
+    record = load_dataset(defn, resolve_paths(defn, tiny_demo_root)).split("train")[0]
+    ds = ClipDataset([record] * 4, 6, ClipSpec(frames=4, size=16, short_side=36), True)
+    torch.manual_seed(0)
+    clips = [b["clip"][0] for b in loader(ds, 1, workers=2)]  # worker 0: items 0, 2; worker 1: 1, 3
+    assert not torch.equal(clips[0], clips[1])
+    torch.manual_seed(0)
+    again = [b["clip"][0] for b in loader(ds, 1, workers=2)]
+    assert all(torch.equal(a, b) for a, b in zip(clips, again, strict=True))
