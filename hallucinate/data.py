@@ -121,6 +121,17 @@ def discover_streams(
     return streams
 
 
+def sample_records(records: list[VideoRecord], max_videos: int, seed: int) -> list[VideoRecord]:
+    """At most ``max_videos`` of ``records``, kept in order: all of them when there
+    are fewer, else a seeded random sample, not the first ones, because annotation
+    files are often sorted by class (Kinetics' CSVs are) and the first 2,000 of
+    240,000 training videos would hold 4 of 400 classes."""
+    if len(records) <= max_videos:
+        return list(records)
+    picked = np.random.default_rng(seed).choice(len(records), max_videos, replace=False)
+    return [records[i] for i in np.sort(picked)]
+
+
 def decode_video(record: VideoRecord, spec: FrameSpec) -> tuple[np.ndarray, np.ndarray]:
     """Frames (n, H, W, 3) of a whole video at ``spec``, and their times in seconds."""
     batches = list(iter_frames(record.path, spec))

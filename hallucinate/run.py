@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hallucinate.backbones import create_backbone
-from hallucinate.data import ClipDataset, ClipSpec
+from hallucinate.data import ClipDataset, ClipSpec, sample_records
 from hallucinate.metrics import classification_metrics, label_r2, stream_quality
 from hallucinate.model import FoldedClassifier, FoldedHeads, HallucinationNet, StreamSpec, load_model_state
 from hallucinate.power_norm import create_power_norm
@@ -170,19 +170,12 @@ class GroundTruthRows:
 
 
 def ground_truth_rows(ds: ClipDataset, max_videos: int = 2000, seed: int = 0) -> GroundTruthRows:
-    """The ground truth and labels of at most ``max_videos`` videos, read from the
-    store only: the target statistics, the label R² and the fusion prior computed
-    at the start of training all come from it, so the store is read once for the three.
-
-    Above ``max_videos`` the videos are a seeded random sample, not the first
-    ones: annotation files are often sorted by class (Kinetics' CSVs are), and
-    the first 2,000 of 240,000 training videos would hold 4 of 400 classes.
-    All of them, in order, when there are fewer.
+    """The ground truth and labels of at most ``max_videos`` videos (``sample_records``),
+    read from the store only: the target statistics, the label R² and the fusion
+    prior computed at the start of training all come from it, so the store is
+    read once for the three.
     """
-    records = ds.records
-    if len(records) > max_videos:
-        picked = np.random.default_rng(seed).choice(len(records), max_videos, replace=False)
-        records = [records[i] for i in np.sort(picked)]
+    records = sample_records(ds.records, max_videos, seed)
     read = [ds.ground_truth(r) for r in records]
     return GroundTruthRows(
         {s.name: torch.stack([gt[s.name] for gt, _ in read]) for s in ds.streams},

@@ -365,7 +365,27 @@ def _load_dataset(cfg):
     return load_dataset(defn, resolve_paths(defn, cfg.data_root, cfg.video_root))
 
 
-def _preload(choice: bool | None, dataset, clip) -> bool:
+def _split_records(dataset, max_train: int | None = None, seed: int = 0) -> dict[str, list]:
+    """Train / val / test records of a run (test falls back to val when absent).
+
+    ``max_train`` keeps a seeded sample of the training videos: evaluate
+    reports hallucination quality on train from at most that many, since a
+    pass over every training video of Kinetics would take as long as an
+    epoch and an R² needs no more.
+    """
+    from hallucinate.data import sample_records
+
+    parts = {name: dataset.split(name) for name in ("train", "val", "test")}
+    if not parts["train"]:
+        raise HallucinateError(f"dataset {dataset.name!r} has no train split")
+    parts["val"] = parts["val"] or parts["test"]
+    parts["test"] = parts["test"] or parts["val"]
+    if max_train is not None:
+        parts["train"] = sample_records(parts["train"], max_train, seed)
+    return parts
+
+
+def _preload(choice: bool | None, parts: dict[str, list], clip) -> bool:
     """``preload`` as given, or (None) whether the run's decoded videos fit in memory."""
     if choice is not None or clip.features:  # frozen-backbone mode decodes nothing
         return bool(choice)
@@ -373,30 +393,36 @@ def _preload(choice: bool | None, dataset, clip) -> bool:
 
     from hallucinate.data import plan_preload
 
-    records = [r for name in ("train", "val", "test") for r in dataset.split(name)]
+    records = list({r.video_id: r for records in parts.values() for r in records}.values())
     plan = plan_preload(records, clip, psutil.virtual_memory().available)
     print(plan.reason, file=sys.stderr)
     return plan.preload
 
 
-def _splits(dataset, store: Path, streams, clip, preload: bool, seed: int, progress: bool):
-    """Train / val / test clip datasets of a run (test falls back to val when absent)."""
+def _splits(
+    dataset, parts: dict[str, list], store: Path, streams, clip, preload: bool, seed: int, progress: bool
+):
+    """The clip datasets of ``parts``; a split given the same records as val shares its dataset."""
     from hallucinate.data import ClipDataset
     from hallucinate.run import Splits
 
-    parts = {name: dataset.split(name) for name in ("train", "val", "test")}
-    if not parts["train"]:
-        raise HallucinateError(f"dataset {dataset.name!r} has no train split")
-    parts["val"] = parts["val"] or parts["test"]
-    parts["test"] = parts["test"] or parts["val"]
-    n = len(dataset.classes)
-
     def make(records, train):
         return ClipDataset(
-            records, n, clip, train, store, streams, dataset.multilabel, preload, seed, progress
+            records,
+            len(dataset.classes),
+            clip,
+            train,
+            store,
+            streams,
+            dataset.multilabel,
+            preload,
+            seed,
+            progress,
         )
 
-    return Splits(make(parts["train"], True), make(parts["val"], False), make(parts["test"], False))
+    val = make(parts["val"], False)
+    test = val if parts["test"] is parts["val"] else make(parts["test"], False)
+    return Splits(make(parts["train"], True), val, test)
 
 
 def _stored_x_rgb_shape(store: Path, dataset, name: str) -> dict[str, int]:
@@ -496,7 +522,8 @@ def cmd_train(cfg: TrainConfig) -> int:
         keep = wanted is not None
         streams = _without_sparse_streams(streams, scan.coverage, len(train_ids), cfg.min_coverage, keep)
     clip = ClipSpec(cfg.frames, cfg.size, cfg.short_side, cfg.fps, cfg.rgb_features)
-    preload = _preload(cfg.preload, dataset, clip)
+    parts = _split_records(dataset)
+    preload = _preload(cfg.preload, parts, clip)
     workers = cfg.workers if cfg.workers is not None else 0 if preload else min(8, os.cpu_count() or 1)
     cfg = dataclasses.replace(cfg, preload=preload, workers=workers)
     backbone, backbone_options = cfg.backbone, dict(cfg.backbone_options)
@@ -534,7 +561,7 @@ def cmd_train(cfg: TrainConfig) -> int:
     from dataclasses import asdict
 
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    splits = _splits(dataset, store, streams, clip, cfg.preload, cfg.seed, cfg.progress)
+    splits = _splits(dataset, parts, store, streams, clip, cfg.preload, cfg.seed, cfg.progress)
     device = pick_device(cfg.device)
     names = ", ".join(s.name for s in streams) or "none"
     print(f"streams: {names}", file=sys.stderr)
@@ -571,6 +598,9 @@ def cmd_train(cfg: TrainConfig) -> int:
     return 0
 
 
+EVALUATE_TRAIN_VIDEOS = 2000  # the sample of training videos evaluate measures quality on
+
+
 def cmd_evaluate(cfg: EvaluateConfig) -> int:
     from hallucinate.data import ClipSpec
     from hallucinate.model import StreamSpec
@@ -587,9 +617,10 @@ def cmd_evaluate(cfg: EvaluateConfig) -> int:
     clip = ClipSpec(**saved["clip"])
     dataset = _load_dataset(cfg)
     store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
-    splits = _splits(
-        dataset, store, streams, clip, _preload(cfg.preload, dataset, clip), saved["seed"], cfg.progress
-    )
+    parts = _split_records(dataset, max_train=EVALUATE_TRAIN_VIDEOS, seed=saved["seed"])
+    parts["val"] = parts["test"]  # evaluate reads no validation clip
+    preload = _preload(cfg.preload, parts, clip)
+    splits = _splits(dataset, parts, store, streams, clip, preload, saved["seed"], cfg.progress)
     report = evaluate_run(run, splits, cfg.batch_size, dataset.multilabel, pick_device(cfg.device))
     print(format_report(report))
     print(f"\nwritten: {run / 'evaluation.json'}, {run / 'curves.png'}, {run / 'quality.png'}")

@@ -142,6 +142,21 @@ def test_clip_and_optimiser_defaults_come_from_the_backbone():
         resolved("backbone=r3d18")
 
 
+def test_evaluate_measures_train_quality_on_a_seeded_sample(tiny_demo_root):
+    from pipelines.cli import _split_records
+    from pipelines.datasets import load_dataset, load_definition, resolve_paths
+
+    defn = load_definition("demo")
+    dataset = load_dataset(defn, resolve_paths(defn, tiny_demo_root))
+    every = _split_records(dataset)
+    assert every["train"] == dataset.split("train") and every["test"] == dataset.split("test")
+    sample = _split_records(dataset, max_train=6, seed=1)["train"]
+    order = [every["train"].index(r) for r in sample]
+    assert len(sample) == 6 and order == sorted(order) and order != list(range(6))  # not the first 6
+    assert len({r.labels for r in sample}) > 1  # the set is sorted by class
+    assert _split_records(dataset, max_train=6, seed=1)["train"] == sample
+
+
 def test_train_and_evaluate_end_to_end(tiny_demo_root, tmp_path, capsys):
     import json
 
