@@ -105,6 +105,7 @@ test: install
 bench: install
 	$(BIN)/python -m benchmarks.bench_demo
 	$(BIN)/python -m benchmarks.bench_decode
+	$(BIN)/python -m benchmarks.bench_clips
 	$(BIN)/python -m benchmarks.bench_store
 	$(BIN)/python -m benchmarks.bench_workers
 	$(BIN)/python -m benchmarks.bench_training

@@ -25,7 +25,7 @@ from extractors.base import FrameSpec
 from extractors.codebooks import FINISHERS, pool_frames
 from hallucinate.model import StreamSpec
 from pipelines.datasets import VideoRecord
-from pipelines.decode import iter_frames
+from pipelines.decode import iter_frames, read_clip
 from pipelines.errors import DatasetError, HallucinateError
 from pipelines.store import DONE, TIMESTAMPS, ShardIndex, ShardReader, read_shard, shard_path
 
@@ -224,6 +224,18 @@ class ClipDataset(Dataset):
     def _decode(self, record: VideoRecord) -> tuple[np.ndarray, np.ndarray]:
         return decode_video(record, self.frame_spec)
 
+    def _start(self, n: int) -> int:
+        """First frame of a clip from a video of ``n`` frames: random when training, else centred."""
+        t = self.spec.frames
+        return int(self.rng.integers(0, max(1, n - t + 1))) if self.train else max(0, (n - t) // 2)
+
+    def _read_clip(self, record: VideoRecord) -> tuple[np.ndarray, np.ndarray]:
+        """Streaming: the clip's frames only when the container can place them, else
+        the whole video. ``_clip`` then draws no other start (one clip-length
+        video has one), so a clip is the one preloading would give for the seed."""
+        batch = read_clip(record.path, self.frame_spec, self.spec.frames, self._start)
+        return (batch.frames, batch.timestamps) if batch is not None else self._decode(record)
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -231,7 +243,7 @@ class ClipDataset(Dataset):
         """A clip and the time span (first, last frame, seconds) it covers."""
         t, s = self.spec.frames, self.spec.size
         n, h, w = frames.shape[:3]
-        start = self.rng.integers(0, max(1, n - t + 1)) if self.train else max(0, (n - t) // 2)
+        start = self._start(n)
         idx = (start + np.arange(t)) % n  # loop short videos
         span = (float(times[idx].min()), float(times[idx].max()))
         y0, x0 = (
@@ -305,7 +317,7 @@ class ClipDataset(Dataset):
             k = self.rng.integers(len(x_rgb)) if self.train else len(x_rgb) // 2
             clip = torch.from_numpy(np.ascontiguousarray(x_rgb[k], dtype=np.float32))
         else:
-            frames, times = self.frames[i] if self.frames is not None else self._decode(record)
+            frames, times = self.frames[i] if self.frames is not None else self._read_clip(record)
             clip, span = self._clip(frames, times)
         gt, mask = self.ground_truth(record, span if self.streams else None)
         return {"clip": clip, "label": self.label(record), "gt": gt, "mask": mask, "index": i}

@@ -10,7 +10,7 @@ ledger and move on.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -137,6 +137,74 @@ def iter_frames(path: str | Path, spec: FrameSpec, chunk: int = 32) -> Iterator[
         covered = last_time - start + native_period
         if declared and covered < TRUNCATION_TOLERANCE * declared:
             raise TruncatedVideoError(path, covered, declared)
+    finally:
+        container.close()
+
+
+def read_clip(
+    path: str | Path, spec: FrameSpec, length: int, pick: Callable[[int], int]
+) -> FrameBatch | None:
+    """``length`` consecutive frames, sampled as ``iter_frames`` samples them, from
+    the index ``pick(n)`` chooses for a video of ``n`` such frames.
+
+    Why not ``iter_frames`` and a slice: a training clip is 16-64 frames of a
+    video of hundreds, and decoding all of them, and converting each to RGB,
+    is most of a streaming DataLoader's time. This seeks to the keyframe
+    before the clip, converts only the clip's frames and stops at its end.
+    ``n`` comes from the container's frame count and rate, so the result is
+    None, and the caller decodes the whole video, wherever those cannot
+    place the clip: no frame count, a requested fps above the native rate,
+    a video shorter than the clip, a seek that lands past the clip's start,
+    or a stream that ends early (a truncated file, whose error the whole
+    decode then raises).
+    """
+    path = str(path)
+    container = _open(path)
+    try:
+        if not container.streams.video:
+            raise NoVideoStreamError(path)
+        stream = container.streams.video[0]
+        native = float(stream.average_rate or 0)
+        total = stream.frames
+        if not total or not native or (spec.fps and spec.fps > native) or stream.time_base is None:
+            return None
+        # Sampled frame k is the first native frame at or after t0 + k / rate.
+        rate = spec.fps or native
+        n = int((total - 1) / native * rate + 1e-6) + 1
+        if n < length:
+            return None
+        start = int(pick(n))
+        t0 = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+        begin = t0 + start / rate
+        period = 1.0 / native
+        width, height = output_size(spec, stream.codec_context.width, stream.codec_context.height)
+        stream.thread_type = "AUTO"
+        container.seek(int(begin / stream.time_base), stream=stream, backward=True, any_frame=False)
+        step = 1.0 / spec.fps if spec.fps else 0.0
+        # Native rate: every frame from the clip's first; else iter_frames' targets.
+        next_time = begin - (1e-6 if step else period / 2)
+        frames: list[np.ndarray] = []
+        times: list[float] = []
+        first = True
+        try:
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    return None
+                t = float(frame.time)
+                if first and t > begin + period / 2:
+                    return None  # the seek overshot the clip's first frame
+                first = False
+                if t + 1e-6 < next_time:
+                    continue
+                frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+                times.append(t)
+                if len(frames) == length:
+                    return FrameBatch(np.stack(frames), np.asarray(times))
+                while step and next_time <= t + 1e-6:
+                    next_time += step
+        except av.FFmpegError:
+            return None
+        return None
     finally:
         container.close()
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from extractors.base import AudioSpec, FrameSpec
-from pipelines.decode import VideoSource, iter_frames, output_size, probe, read_audio
+from pipelines.decode import VideoSource, iter_frames, output_size, probe, read_audio, read_clip
 from pipelines.demo import DEMO_CLASSES, DemoSpec, generate_demo, render_clip
 from pipelines.encode import write_video
 from pipelines.errors import (
@@ -48,6 +48,30 @@ def test_sampled_content_is_the_right_frame(tmp_path):
     for k, frame in enumerate(got):
         red = np.where(frame[18, :, 0] > 150)[0]
         assert red.min() == pytest.approx(4 + 2 * k, abs=1)
+
+
+@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])  # a keyframe every 12 frames; only the first
+@pytest.mark.parametrize("fps", [None, 6])
+def test_read_clip_gives_the_frames_a_whole_decode_gives(tmp_path, codec, fps):
+    """A streamed clip seeks to the keyframe before it and converts only its own
+    frames; they must be those of decoding everything and slicing."""
+    path = tmp_path / "v.mp4"
+    write_video(path, moving_frames(60, width=96), 12, None, codec=codec)
+    spec = FrameSpec(fps=fps, short_side=24)
+    batches = list(iter_frames(path, spec))
+    frames, times = (
+        np.concatenate([b.frames for b in batches]),
+        np.concatenate([b.timestamps for b in batches]),
+    )
+    n = len(frames)
+    for start in (0, 9, 17, n - 8):
+        offered = []
+        clip = read_clip(path, spec, 8, lambda k, s=start, seen=offered: seen.append(k) or s)
+        assert offered == [n]  # the frame count it picks from is the whole decode's
+        np.testing.assert_array_equal(clip.frames, frames[start : start + 8])
+        np.testing.assert_allclose(clip.timestamps, times[start : start + 8], atol=1e-6)
+    assert read_clip(path, spec, n + 1, lambda k: 0) is None  # longer than the video: decode it all
+    assert read_clip(path, FrameSpec(fps=50), 8, lambda k: 0) is None  # above the native rate
 
 
 def test_short_side_keeps_aspect():

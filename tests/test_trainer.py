@@ -693,3 +693,21 @@ def test_each_dataloader_worker_draws_its_own_clips(tiny_demo_root):
     torch.manual_seed(0)
     again = [b["clip"][0] for b in loader(ds, 1, workers=2)]
     assert all(torch.equal(a, b) for a, b in zip(clips, again, strict=True))
+
+
+def test_streamed_clips_are_the_preloaded_ones(tiny_demo_root, monkeypatch):
+    """Without preload each clip is read on its own (a seek, its frames only); a
+    seed must give the clips, and so the run, that preloading gives."""
+    import hallucinate.data
+    from pipelines.datasets import load_dataset, load_definition, resolve_paths
+
+    defn = load_definition("demo")
+    records = load_dataset(defn, resolve_paths(defn, tiny_demo_root)).split("train")[:4]
+    for train in (True, False):
+        held = ClipDataset(records, 6, CLIP, train, preload=True, seed=5)
+        with monkeypatch.context() as patch:  # the whole-video decode is the fallback only
+            patch.setattr(hallucinate.data, "decode_video", None)
+            streamed = ClipDataset(records, 6, CLIP, train, preload=False, seed=5)
+            for _ in range(2):
+                for i in range(len(records)):
+                    assert torch.equal(held[i]["clip"], streamed[i]["clip"])
