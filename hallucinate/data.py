@@ -12,6 +12,7 @@ the target describes what the network sees rather than the whole video.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from extractors.codebooks import FINISHERS, pool_frames
 from hallucinate.model import StreamSpec
 from pipelines.datasets import VideoRecord
 from pipelines.decode import iter_frames, read_clip
-from pipelines.errors import DatasetError, HallucinateError
+from pipelines.errors import DatasetError, HallucinateError, VideoError
 from pipelines.store import DONE, TIMESTAMPS, ShardIndex, ShardReader, read_shard, shard_path
 
 
@@ -207,9 +208,25 @@ class ClipDataset(Dataset):
         self.reseed(seed)
         self.frame_spec = FrameSpec(fps=spec.fps, short_side=spec.short_side)
         self.frames: list[tuple[np.ndarray, np.ndarray]] | None = None
+        # Training videos left out because they cannot be decoded: video id -> the error,
+        # which names the file and the fix. One corrupt download in 240,000 must not stop
+        # a run; a test or validation set is never changed behind the user's back, so
+        # there the error stands.
+        self.unreadable: dict[str, str] = {}
         if preload and not spec.features:
             bar = tqdm(self.records, desc="decode", unit="video", disable=not progress)
-            self.frames = [self._decode(r) for r in bar]
+            decoded = {}
+            for record in bar:
+                try:
+                    decoded[record.video_id] = self._decode(record)
+                except VideoError as err:
+                    if not train:
+                        raise
+                    self.unreadable[record.video_id] = str(err)
+            self.records = [r for r in self.records if r.video_id in decoded]
+            self.frames = [decoded[r.video_id] for r in self.records]
+            if not self.records:
+                raise DatasetError(f"no video of this split can be decoded: {self.first_unreadable()}")
 
     def reseed(self, seed: int) -> None:
         """Restarts the clip sampler (random start, crop, flip) from ``seed``.
@@ -309,6 +326,26 @@ class ClipDataset(Dataset):
                 gt[stream.name] = torch.zeros(stream.dim)
         return gt, mask
 
+    def _streamed(self, i: int) -> tuple[VideoRecord, tuple[torch.Tensor, tuple[float, float]]]:
+        """Item ``i``'s record and clip, read from disk. A training video that turns
+        out bad mid-epoch is named, and the next readable one is used in its place
+        rather than losing the epoch."""
+        for k in range(len(self)):
+            record = self.records[(i + k) % len(self)]
+            try:
+                return record, self._clip(*self._read_clip(record))
+            except VideoError as err:
+                if not self.train:
+                    raise
+                if record.video_id not in self.unreadable:
+                    self.unreadable[record.video_id] = str(err)
+                    print(f"warning: {err} Training on another video in its place.", file=sys.stderr)
+        raise DatasetError(f"no video of this split can be decoded: {self.first_unreadable()}")
+
+    def first_unreadable(self) -> str:
+        """The error of the first video left out, for a message."""
+        return next(iter(self.unreadable.values()), "none tried")
+
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
         span = None
@@ -316,8 +353,9 @@ class ClipDataset(Dataset):
             x_rgb = self.reader.get(record.video_id, self.spec.features)
             k = self.rng.integers(len(x_rgb)) if self.train else len(x_rgb) // 2
             clip = torch.from_numpy(np.ascontiguousarray(x_rgb[k], dtype=np.float32))
+        elif self.frames is not None:
+            clip, span = self._clip(*self.frames[i])
         else:
-            frames, times = self.frames[i] if self.frames is not None else self._read_clip(record)
-            clip, span = self._clip(frames, times)
+            record, (clip, span) = self._streamed(i)
         gt, mask = self.ground_truth(record, span if self.streams else None)
         return {"clip": clip, "label": self.label(record), "gt": gt, "mask": mask, "index": i}

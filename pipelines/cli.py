@@ -420,9 +420,16 @@ def _splits(
             progress,
         )
 
+    train = make(parts["train"], True)
+    if train.unreadable:
+        print(
+            f"warning: left {len(train.unreadable)} training video(s) that cannot be decoded out of "
+            f"this run ({', '.join(list(train.unreadable)[:5])}); the first: {train.first_unreadable()}",
+            file=sys.stderr,
+        )
     val = make(parts["val"], False)
     test = val if parts["test"] is parts["val"] else make(parts["test"], False)
-    return Splits(make(parts["train"], True), val, test)
+    return Splits(train, val, test)
 
 
 def _stored_x_rgb_shape(store: Path, dataset, name: str) -> dict[str, int]:

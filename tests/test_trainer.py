@@ -711,3 +711,38 @@ def test_streamed_clips_are_the_preloaded_ones(tiny_demo_root, monkeypatch):
             for _ in range(2):
                 for i in range(len(records)):
                     assert torch.equal(held[i]["clip"], streamed[i]["clip"])
+
+
+def test_a_training_video_that_cannot_be_decoded_is_named_and_left_out(tiny_demo_root, tmp_path, capsys):
+    """Preloaded, it is dropped from the split; streamed, the next video stands in
+    for it. Either way the message names the file; a test split keeps the error."""
+    from pipelines.datasets import VideoRecord, load_dataset, load_definition, resolve_paths
+    from pipelines.errors import CorruptVideoError
+    from tests.helpers import write_broken_videos
+
+    defn = load_definition("demo")
+    good = load_dataset(defn, resolve_paths(defn, tiny_demo_root)).split("train")[:3]
+    broken = write_broken_videos(tmp_path)
+    bad = [VideoRecord(f"bad_{k}", str(broken[k]), (0,), "train") for k in ("corrupt", "truncated")]
+    records = [good[0], bad[0], good[1], bad[1], good[2]]
+
+    held = ClipDataset(records, 6, CLIP, True, preload=True)
+    assert [r.video_id for r in held.records] == [r.video_id for r in good]
+    assert set(held.unreadable) == {"bad_corrupt", "bad_truncated"}
+    assert str(broken["corrupt"]) in held.unreadable["bad_corrupt"]
+
+    streamed = ClipDataset(records, 6, CLIP, True)
+    capsys.readouterr()
+    item = streamed[1]  # the corrupt file: the next video stands in
+    assert item["label"] == streamed.label(good[1]) and item["clip"].shape == (3, 8, 32, 32)
+    assert str(broken["corrupt"]) in capsys.readouterr().err
+    streamed[1]
+    assert capsys.readouterr().err == ""  # named once
+    with pytest.raises(CorruptVideoError):
+        ClipDataset(records, 6, CLIP, False)[1]
+    with pytest.raises(CorruptVideoError):
+        ClipDataset(records, 6, CLIP, False, preload=True)
+    with pytest.raises(DatasetError, match="cannot be decoded"):
+        ClipDataset(bad, 6, CLIP, True, preload=True)
+    with pytest.raises(DatasetError, match="cannot be decoded"):
+        ClipDataset(bad, 6, CLIP, True)[0]
