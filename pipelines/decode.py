@@ -53,6 +53,15 @@ def _open(path: str) -> av.container.InputContainer:
         raise CorruptVideoError(path, str(exc)) from None
 
 
+def _video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
+    """The first video stream, set to decode on all cores; none is a NoVideoStreamError."""
+    if not container.streams.video:
+        raise NoVideoStreamError(path)
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
 def _duration(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
@@ -99,10 +108,7 @@ def iter_frames(path: str | Path, spec: FrameSpec, chunk: int = 32) -> Iterator[
     path = str(path)
     container = _open(path)
     try:
-        if not container.streams.video:
-            raise NoVideoStreamError(path)
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream = _video_stream(container, path)
         declared = _duration(container, stream)
         width, height = output_size(spec, stream.codec_context.width, stream.codec_context.height)
         step = 1.0 / spec.fps if spec.fps else 0.0
@@ -161,9 +167,7 @@ def read_clip(
     path = str(path)
     container = _open(path)
     try:
-        if not container.streams.video:
-            raise NoVideoStreamError(path)
-        stream = container.streams.video[0]
+        stream = _video_stream(container, path)
         native = float(stream.average_rate or 0)
         total = stream.frames
         if not total or not native or (spec.fps and spec.fps > native) or stream.time_base is None:
@@ -178,7 +182,6 @@ def read_clip(
         begin = t0 + start / rate
         period = 1.0 / native
         width, height = output_size(spec, stream.codec_context.width, stream.codec_context.height)
-        stream.thread_type = "AUTO"
         container.seek(int(begin / stream.time_base), stream=stream, backward=True, any_frame=False)
         step = 1.0 / spec.fps if spec.fps else 0.0
         # Native rate: every frame from the clip's first; else iter_frames' targets.
