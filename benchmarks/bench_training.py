@@ -41,7 +41,15 @@ SIZES = {"tiny3d": 72}
 DEFAULT_SIZE = 112
 
 
-def measure(backbone: str, streams: int, batch_size: int, frames: int, size: int, repeats: int) -> list:
+def measure(
+    backbone: str,
+    streams: int,
+    batch_size: int,
+    frames: int,
+    size: int,
+    repeats: int,
+    precision: str = "fp32",
+) -> list:
     clip = ClipSpec(frames, size, size)
     specs = [StreamSpec(f"s{i}.x/y", 1024) for i in range(streams)]
     x = torch.rand(batch_size, 3, clip.frames, clip.size, clip.size) * 2 - 1
@@ -74,7 +82,7 @@ def measure(backbone: str, streams: int, batch_size: int, frames: int, size: int
                 hidden=256,
             )
             hal = build_hallucination_loss(loss, len(use), 128, "grouped", 1.0, 0) if use else None
-            schedule = Schedule(mode=mode, hal_updates_backbone=through_backbone)
+            schedule = Schedule(mode=mode, hal_updates_backbone=through_backbone, precision=precision)
             trainer = Trainer(model, hal, schedule, Path(tmp) / label, log=lambda m: None)
             model.train()
             steps[label] = partial(trainer.train_step, batch)
@@ -127,13 +135,16 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, help="crop size for every backbone (default: per backbone)")
     parser.add_argument("--repeats", type=int, default=10, help="rounds of interleaved calls; medians")
+    parser.add_argument(
+        "--precision", default="fp32", help="training steps in fp32, bf16 or fp16 (inference stays fp32)"
+    )
     args = parser.parse_args()
     sizes = {b: args.size or SIZES.get(b, DEFAULT_SIZE) for b in args.backbones.split(",")}
     rows = []
     for backbone, size in sizes.items():
-        rows += measure(backbone, args.streams, args.batch, args.frames, size, args.repeats)
+        rows += measure(backbone, args.streams, args.batch, args.frames, size, args.repeats, args.precision)
     print_table(
-        f"Training and inference cost (batch {args.batch}, {args.frames} frames, "
+        f"Training ({args.precision}) and inference cost (batch {args.batch}, {args.frames} frames, "
         f"{', '.join(f'{b} {s}²' for b, s in sizes.items())}, {torch.get_num_threads()} threads)",
         ["backbone", "what", "ms", "vs baseline"],
         rows,

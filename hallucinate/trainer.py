@@ -23,17 +23,28 @@ classifier; at alpha·lr in step (a) (as before 2026-11-23) the classification
 steps won, and with alpha = 0.05 the streams' R² against their ground truth
 was below −1 even on the training clips. With alpha = 1 nothing changes.
 
+Mixed precision (``precision=bf16`` or ``fp16``) runs the forward passes
+under ``torch.autocast`` and computes the losses in fp32 on the cast-up
+outputs: the hallucination loss sums d squared residuals per stream and the
+uncertainty loss exponentiates CENet's log-diagonal, both of which a 16-bit
+sum would round badly. fp16, whose exponent range is narrow, gets a loss
+scaler per optimiser (``torch.amp.GradScaler``): step (a)'s loss can be two
+orders of magnitude larger than step (b)'s, so one shared scale would
+underflow one step's gradients or overflow the other's.
+
 Checkpoints hold the model (sketches included, they are buffers), the loss
-(CENet), both optimisers and schedulers, the epoch and every RNG state, so a
-resumed run continues exactly where it stopped.
+(CENet), both optimisers, schedulers and loss scalers, the epoch and every
+RNG state, so a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +58,10 @@ from tqdm import tqdm
 from hallucinate.losses import UncertaintyLoss, masked_mse
 from hallucinate.metrics import classification_metrics
 from hallucinate.model import HallucinationNet, load_model_state
+from pipelines.errors import DivergedError
+
+# Precision name -> the dtype autocast computes in (None: no autocast).
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,18 @@ class Schedule:
     # seed in six of the RGB-only tiny3d stalled that way (test top-1 0.45
     # against 0.66-0.71 for the other five; 0.71 with a 5-epoch warm-up).
     warmup: int = 0
+    # fp32, or bf16 / fp16 autocast for the forward passes (see the module docstring).
+    # On a GPU with tensor cores they roughly halve activation memory and step time;
+    # bf16 needs no loss scaling but an Ampere or newer GPU.
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        """Names a bad mode or precision when the schedule is built, before any video
+        is decoded, rather than when training starts."""
+        if self.mode not in ("alternating", "joint"):
+            raise ValueError(f"unknown schedule mode {self.mode!r}; use alternating or joint")
+        if self.precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"unknown precision {self.precision!r}; use {', '.join(AUTOCAST_DTYPES)}")
 
     def lr_factor(self, epoch: int) -> float:
         """The learning rate of epoch ``epoch`` (from 0) as a multiple of ``lr``."""
@@ -148,8 +175,6 @@ class Trainer:
         def adam(params, lr=schedule.lr):
             return torch.optim.Adam(params, lr=lr, weight_decay=schedule.weight_decay)
 
-        if schedule.mode not in ("alternating", "joint"):
-            raise ValueError(f"unknown schedule mode {schedule.mode!r}; use alternating or joint")
         loss_params = list(hal_loss.parameters()) if hal_loss is not None else []
         if schedule.mode == "joint":
             self.optimizers = {"cls": adam(list(model.parameters()) + loss_params)}
@@ -166,6 +191,18 @@ class Trainer:
                 )
         self.schedulers = {
             k: torch.optim.lr_scheduler.LambdaLR(o, schedule.lr_factor) for k, o in self.optimizers.items()
+        }
+        self.amp_dtype = AUTOCAST_DTYPES[schedule.precision]
+        if (
+            self.amp_dtype is torch.bfloat16
+            and self.device.type == "cuda"
+            and not torch.cuda.is_bf16_supported()
+        ):
+            raise ValueError("this GPU has no bfloat16 support (it predates Ampere); use precision=fp16")
+        # A disabled scaler passes the loss and the step through unchanged.
+        self.scalers = {
+            k: torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+            for k in self.optimizers
         }
         self.classify_loss = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
         self.multilabel = multilabel
@@ -186,52 +223,60 @@ class Trainer:
 
     # ------------------------------------------------------------ steps
 
+    def autocast(self) -> AbstractContextManager:
+        """The precision the forward passes run in; losses are computed outside it, in fp32."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _update(self, key: str, loss: torch.Tensor) -> None:
+        optimizer, scaler = self.optimizers[key], self.scalers[key]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skipped, and the scale lowered, when fp16 gradients overflowed
+        scaler.update()
+
     def hallucination_step(self, batch: dict, x_rgb: torch.Tensor | None = None) -> float:
         """(a): regress the ground truth; PredNet and HAF get no gradient here.
 
         ``x_rgb``: the backbone's output for this batch, when the caller has it.
         """
         model = self.model
-        if x_rgb is None:
-            x_rgb = model.backbone(batch["clip"])
-        if not self.schedule.hal_updates_backbone:
-            x_rgb = x_rgb.detach()
-        pred = model.hallucinate(x_rgb)
+        with self.autocast():
+            if x_rgb is None:
+                x_rgb = model.backbone(batch["clip"])
+            if not self.schedule.hal_updates_backbone:
+                x_rgb = x_rgb.detach()
+            pred = model.hallucinate(x_rgb)
         with torch.no_grad():
             target = model.target(batch["gt"])
-        loss = self.hal_loss(pred, target, batch["mask"])  # alpha is in this step's learning rate
-        self.optimizers["hal"].zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizers["hal"].step()
+        loss = self.hal_loss(pred.float(), target, batch["mask"])  # alpha is in this step's learning rate
+        self._update("hal", loss)
         return float(loss.detach())
 
     def classification_step(self, batch: dict, x_rgb: torch.Tensor | None = None) -> float:
         """(b): classify from RGB through every stream, HAF and PredNet."""
         model = self.model
-        if x_rgb is None:
-            x_rgb = model.backbone(batch["clip"])
-        logits = model.classify(x_rgb, model.hallucinate(x_rgb))
+        with self.autocast():
+            if x_rgb is None:
+                x_rgb = model.backbone(batch["clip"])
+            logits = model.classify(x_rgb, model.hallucinate(x_rgb))
         label = batch["label"].float() if self.multilabel else batch["label"]
-        loss = self.classify_loss(logits, label)
-        self.optimizers["cls"].zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizers["cls"].step()
+        loss = self.classify_loss(logits.float(), label)
+        self._update("cls", loss)
         return float(loss.detach())
 
     def joint_step(self, batch: dict) -> tuple[float, float]:
         """One update of CE + alpha * hallucination loss, sharing one backbone pass."""
         model = self.model
-        x_rgb = model.backbone(batch["clip"])
-        pred = model.hallucinate(x_rgb)
-        logits = model.classify(x_rgb, pred)
+        with self.autocast():
+            x_rgb = model.backbone(batch["clip"])
+            pred = model.hallucinate(x_rgb)
+            logits = model.classify(x_rgb, pred)
         label = batch["label"].float() if self.multilabel else batch["label"]
-        cls = self.classify_loss(logits, label)
+        cls = self.classify_loss(logits.float(), label)
         with torch.no_grad():
             target = model.target(batch["gt"])
-        hal = self.schedule.alpha * self.hal_loss(pred, target, batch["mask"])
-        self.optimizers["cls"].zero_grad(set_to_none=True)
-        (cls + hal).backward()
-        self.optimizers["cls"].step()
+        hal = self.schedule.alpha * self.hal_loss(pred.float(), target, batch["mask"])
+        self._update("cls", cls + hal)
         return float(hal.detach()), float(cls.detach())
 
     def train_step(self, batch: dict) -> tuple[float, float]:
@@ -246,7 +291,8 @@ class Trainer:
         # in both steps, so one pass (kept with its graph for step (b)) serves both:
         # the alternating schedule then costs about what the RGB-only model does,
         # instead of two backbone passes.
-        x_rgb = self.model.backbone(batch["clip"])
+        with self.autocast():
+            x_rgb = self.model.backbone(batch["clip"])
         return self.hallucination_step(batch, x_rgb), self.classification_step(batch, x_rgb)
 
     @torch.no_grad()
@@ -262,9 +308,10 @@ class Trainer:
         model.eval()
         streams, haf, labels = [], [], []
         for batch in val:
-            x = model.backbone(batch["clip"].to(self.device))
-            streams.append(model.hallucinate(x))
-            haf.append(model.power_norm(model.haf(x)))
+            with self.autocast():
+                x = model.backbone(batch["clip"].to(self.device))
+                streams.append(model.hallucinate(x).float())
+                haf.append(model.power_norm(model.haf(x)).float())
             labels.append(batch["label"])
         streams, haf, labels = torch.cat(streams), torch.cat(haf), torch.cat(labels)
         target = (labels.float() if self.multilabel else labels).to(self.device)
@@ -299,6 +346,8 @@ class Trainer:
             for batch in bar:
                 batch = to_device(batch, self.device)
                 hal, cls = self.train_step(batch)
+                if not (math.isfinite(hal) and math.isfinite(cls)):
+                    raise self._diverged(epoch + 1, hal, cls)
                 hal_sum, cls_sum, n = hal_sum + hal, cls_sum + cls, n + 1
                 bar.set_postfix(cls=f"{cls_sum / n:.3f}", hal=f"{hal_sum / n:.3f}")
             for scheduler in self.schedulers.values():
@@ -315,7 +364,8 @@ class Trainer:
                 if hasattr(self.model.fuse, "beta") and self.epoch >= self.schedule.beta_warmup:
                     row["beta"], val_metrics = self.search_beta(val)
                 else:
-                    val_metrics = evaluate_logits(self.model, val, self.device, self.multilabel)
+                    with self.autocast():
+                        val_metrics = evaluate_logits(self.model, val, self.device, self.multilabel)
                 row.update({f"val_{k}": v for k, v in val_metrics.items()})
             for key, value in row.items():
                 if key != "epoch":
@@ -336,6 +386,23 @@ class Trainer:
             self._writer.close()
         return history
 
+    def _diverged(self, epoch: int, hal: float, cls: float) -> DivergedError:
+        """Why a run stops at a NaN or infinite loss: every later step would train on
+        it, and the weights it has reached are garbage, while last.pt still holds
+        the previous epoch."""
+        hint = f"lower the learning rate (lr={self.schedule.lr})"
+        if self.schedule.precision != "fp32":
+            hint = f"train in fp32 (precision=fp32) or {hint}: in {self.schedule.precision}, " + (
+                "PyTorch's CPU (oneDNN) bfloat16 3-D convolutions have given NaN gradients on small inputs"
+                if self.amp_dtype is torch.bfloat16 and self.device.type == "cpu"
+                else "activations can overflow"
+            )
+        return DivergedError(
+            f"epoch {epoch}: the training loss is not finite (hallucination {hal}, classification "
+            f"{cls}), so the run stopped. {self.run_dir / 'last.pt'} holds epoch {self.epoch}; "
+            f"{hint}, then run the same command to resume from it, or start a new run=."
+        )
+
     # ------------------------------------------------------------ checkpoints
 
     def save(self, name: str) -> Path:
@@ -345,6 +412,7 @@ class Trainer:
             "hal_loss": self.hal_loss.state_dict() if self.hal_loss is not None else None,
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "scalers": {k: s.state_dict() for k, s in self.scalers.items()},
             "epoch": self.epoch,
             "best": self.best,
             "rng": rng_state(),
@@ -371,6 +439,8 @@ class Trainer:
             # no lr_lambdas; the epoch and the optimiser's lr carry over as they are.
             scheduler = {"lr_lambdas": [None] * len(optimizer.param_groups), **state["schedulers"][key]}
             self.schedulers[key].load_state_dict(scheduler)
+            if state.get("scalers", {}).get(key):  # fp16 runs; an fp32 scaler's state is empty
+                self.scalers[key].load_state_dict(state["scalers"][key])
         self.epoch, self.best = state["epoch"], state["best"]
         set_rng_state(state["rng"])
         self.log(f"resumed {path} at epoch {self.epoch}")
@@ -384,6 +454,6 @@ def evaluate_logits(
     model.eval()
     logits, labels = [], []
     for batch in loader:
-        logits.append(model(batch["clip"].to(device)).cpu())
+        logits.append(model(batch["clip"].to(device)).float().cpu())
         labels.append(batch["label"])
     return classification_metrics(torch.cat(logits), torch.cat(labels), multilabel)

@@ -150,6 +150,7 @@ class TrainConfig(RunLocation):
     weight_decay: float = 0.0
     hal_updates_backbone: bool = True
     schedule: str = "alternating"  # the paper's two updates per iteration, or "joint" (one, cheaper)
+    precision: str = "fp32"  # or bf16 / fp16: mixed-precision forward passes, for GPUs with tensor cores
     seed: int = 0
     device: str = "auto"
     # DataLoader workers; None: none when the videos are preloaded, else min(8, cores)
@@ -514,6 +515,22 @@ def cmd_train(cfg: TrainConfig) -> int:
         raise ConfigError(f"loss={cfg.loss} pattern={cfg.pattern}: {err}") from err
     if not 0 <= cfg.min_coverage <= 1:
         raise ConfigError(f"min_coverage={cfg.min_coverage}: give a share of the training videos, 0 to 1")
+    try:  # a bad schedule or precision is named now, as a bad loss is
+        schedule = Schedule(
+            cfg.epochs,
+            cfg.lr,
+            cfg.lr_step,
+            0.5,
+            cfg.weight_decay,
+            cfg.alpha,
+            cfg.hal_updates_backbone,
+            cfg.schedule,
+            cfg.beta_warmup,
+            warmup=cfg.warmup,
+            precision=cfg.precision,
+        )
+    except ValueError as err:
+        raise ConfigError(f"schedule={cfg.schedule} precision={cfg.precision}: {err}") from err
     dataset = _load_dataset(cfg)
     store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
     wanted = None if cfg.streams == ["auto"] else cfg.streams
@@ -550,18 +567,6 @@ def cmd_train(cfg: TrainConfig) -> int:
         cfg.pattern,
         cfg.kappa,
         cfg.fusion,
-    )
-    schedule = Schedule(
-        cfg.epochs,
-        cfg.lr,
-        cfg.lr_step,
-        0.5,
-        cfg.weight_decay,
-        cfg.alpha,
-        cfg.hal_updates_backbone,
-        cfg.schedule,
-        cfg.beta_warmup,
-        warmup=cfg.warmup,
     )
     run = Path(cfg.run) if cfg.run else Path("runs") / Path(cfg.dataset).stem
     run.mkdir(parents=True, exist_ok=True)

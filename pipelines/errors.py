@@ -83,6 +83,10 @@ class MissingWeightsError(HallucinateError):
         super().__init__(f"{what}: weights file {self.path} not found. {fix}")
 
 
+class DivergedError(HallucinateError):
+    """A training loss became NaN or infinite; the last epoch's checkpoint is kept."""
+
+
 class DiskFullError(HallucinateError):
     """Writing a shard ran out of space; finished work stays staged for a re-run."""
 

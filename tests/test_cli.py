@@ -23,6 +23,15 @@ def test_bad_loss_or_pattern_is_named_before_any_work(bad, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("bad", ["precision=fp8", "schedule=sometimes"])
+def test_bad_precision_or_schedule_is_named_before_any_work(bad, tmp_path, capsys):
+    assert main(["train", bad, f"run={tmp_path / 'run'}"]) == 2
+    key, value = bad.split("=")
+    err = capsys.readouterr().err
+    assert value in err and key in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_dataset_lists_known(capsys):
     assert main(["extract", "dataset=kinetics9000"]) == 2
     err = capsys.readouterr().err
