@@ -389,18 +389,25 @@ class Trainer:
     def _diverged(self, epoch: int, hal: float, cls: float) -> DivergedError:
         """Why a run stops at a NaN or infinite loss: every later step would train on
         it, and the weights it has reached are garbage, while last.pt still holds
-        the previous epoch."""
-        hint = f"lower the learning rate (lr={self.schedule.lr})"
-        if self.schedule.precision != "fp32":
-            hint = f"train in fp32 (precision=fp32) or {hint}: in {self.schedule.precision}, " + (
+        the previous epoch. A resumed run takes its learning rate from the saved
+        optimiser, so a lower one needs a new run; the precision is not saved, so
+        going back to fp32 can resume."""
+        fresh = f"lower the learning rate (lr={self.schedule.lr}) in a new run (run=...)"
+        if self.schedule.precision == "fp32":
+            hint = f"{fresh}; a resumed run keeps the saved optimiser's learning rate"
+        else:
+            cause = (
                 "PyTorch's CPU (oneDNN) bfloat16 3-D convolutions have given NaN gradients on small inputs"
                 if self.amp_dtype is torch.bfloat16 and self.device.type == "cpu"
                 else "activations can overflow"
             )
+            hint = (
+                f"the same command with precision=fp32 resumes from it ({cause} in "
+                f"{self.schedule.precision}); or {fresh}"
+            )
         return DivergedError(
             f"epoch {epoch}: the training loss is not finite (hallucination {hal}, classification "
-            f"{cls}), so the run stopped. {self.run_dir / 'last.pt'} holds epoch {self.epoch}; "
-            f"{hint}, then run the same command to resume from it, or start a new run=."
+            f"{cls}), so the run stopped. {self.run_dir / 'last.pt'} holds epoch {self.epoch}: {hint}."
         )
 
     # ------------------------------------------------------------ checkpoints
