@@ -166,8 +166,17 @@ class TrainConfig(RunLocation):
 
 @dataclass
 class EvaluateConfig(RunLocation):
-    """``hallucinate evaluate``: three protocols, stream ablation and quality of a run."""
+    """``hallucinate evaluate``: three protocols, stream ablation and quality of a run.
 
+    Where the videos and the feature store are defaults to what the run was
+    trained on (its ``config.json``), not to ``RunLocation``'s defaults:
+    ``evaluate run=...`` after ``train features=... run=...`` would otherwise
+    read another store, and fail on missing descriptors at best.
+    """
+
+    dataset: str | None = None  # default: the run's, else demo
+    definition: dict[str, Any] | None = None
+    data_root: str | None = None
     batch_size: int = 32
     device: str = "auto"
     preload: bool | None = None  # as for train: None decides from the free memory
@@ -613,12 +622,41 @@ def cmd_train(cfg: TrainConfig) -> int:
 EVALUATE_TRAIN_VIDEOS = 2000  # the sample of training videos evaluate measures quality on
 
 
+def trained_location(cfg: EvaluateConfig) -> RunLocation:
+    """Evaluate's data and store: each field given on the command line, else the run's own.
+
+    The run directory is ``run=``, else ``runs/<dataset>``. A run without a
+    ``config.json`` (trained elsewhere, copied without it) falls back to the
+    defaults that ``hallucinate train`` has.
+    """
+    import json
+
+    defaults = RunLocation()
+    run = Path(cfg.run) if cfg.run else Path("runs") / Path(cfg.dataset or defaults.dataset).stem
+    saved_file = run / "config.json"
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+
+    def pick(name: str) -> Any:
+        given = getattr(cfg, name)
+        return given if given is not None else saved.get(name, getattr(defaults, name))
+
+    names = [f.name for f in dataclasses.fields(RunLocation) if f.name != "run"]
+    location = RunLocation(**{name: pick(name) for name in names}, run=str(run))
+    if saved.get("dataset") not in (None, location.dataset):
+        print(
+            f"note: {run} was trained on {saved['dataset']}, evaluating on {location.dataset}",
+            file=sys.stderr,
+        )
+    return location
+
+
 def cmd_evaluate(cfg: EvaluateConfig) -> int:
     from hallucinate.data import ClipSpec
     from hallucinate.model import StreamSpec
     from hallucinate.run import checkpoint_config, evaluate_run
 
-    run = Path(cfg.run) if cfg.run else Path("runs") / Path(cfg.dataset).stem
+    location = trained_location(cfg)
+    run = Path(location.run)
     best = run / "model" / "best.pt"
     if not best.is_file():
         raise HallucinateError(
@@ -627,8 +665,9 @@ def cmd_evaluate(cfg: EvaluateConfig) -> int:
     saved = checkpoint_config(best)
     streams = [StreamSpec(**s) for s in saved["streams"]]
     clip = ClipSpec(**saved["clip"])
-    dataset = _load_dataset(cfg)
-    store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
+    dataset = _load_dataset(location)
+    store = Path(location.features) if location.features else default_out(location.dataset)
+    print(f"evaluating {run} on {location.dataset} (feature store {store})", file=sys.stderr)
     parts = _split_records(dataset, max_train=EVALUATE_TRAIN_VIDEOS, seed=saved["seed"])
     parts["val"] = parts["test"]  # evaluate reads no validation clip
     preload = _preload(cfg.preload, parts, clip)

@@ -241,9 +241,30 @@ def test_frozen_backbone_mode_trains_on_stored_x_rgb(tiny_demo_root, tmp_path, c
         torch.testing.assert_close(traced(x_rgb), model.eval()(x_rgb), rtol=1e-4, atol=1e-5)
     assert (run / "model" / "inference.onnx").is_file()
     capsys.readouterr()
-    assert main(["evaluate", *common]) == 0
-    assert "hallucinated" in capsys.readouterr().out
+    assert main(["evaluate", f"run={run}"]) == 0  # data_root and features: the run's own
+    captured = capsys.readouterr()
+    assert "hallucinated" in captured.out and f"feature store {store}" in captured.err
     assert main(["train", *common, "rgb_features=nope/x", "run=" + str(tmp_path / "r2")]) == 2
+
+
+def test_evaluate_defaults_to_where_the_run_was_trained(tmp_path):
+    """Each location field the command line leaves out comes from the run's config.json."""
+    import dataclasses
+    import json
+
+    from pipelines.cli import EvaluateConfig, RunLocation, trained_location
+    from pipelines.config import build_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    trained = RunLocation("k400", {"classes": 3}, "/data", "/videos", "/feats", str(run))
+    (run / "config.json").write_text(json.dumps({**dataclasses.asdict(trained), "epochs": 5}))
+    assert trained_location(build_config(EvaluateConfig, overrides=[f"run={run}"])) == trained
+    given = trained_location(build_config(EvaluateConfig, overrides=[f"run={run}", "features=/other"]))
+    assert given == dataclasses.replace(trained, features="/other")
+    bare = trained_location(build_config(EvaluateConfig, overrides=[f"run={tmp_path / 'old'}"]))
+    assert bare == RunLocation(run=str(tmp_path / "old"))  # no config.json: train's defaults
+    assert trained_location(build_config(EvaluateConfig, overrides=["dataset=ucf101"])).run == "runs/ucf101"
 
 
 def test_weighted_mean_fusion_end_to_end(tiny_demo_root, tmp_path, capsys):
