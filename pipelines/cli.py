@@ -168,8 +168,8 @@ class TrainConfig(RunLocation):
 class EvaluateConfig(RunLocation):
     """``hallucinate evaluate``: three protocols, stream ablation and quality of a run.
 
-    Where the videos and the feature store are defaults to what the run was
-    trained on (its ``config.json``), not to ``RunLocation``'s defaults:
+    The videos and the feature store default to the ones the run was trained
+    on (its ``config.json``), not to ``RunLocation``'s defaults:
     ``evaluate run=...`` after ``train features=... run=...`` would otherwise
     read another store, and fail on missing descriptors at best.
     """
