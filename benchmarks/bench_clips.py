@@ -3,8 +3,9 @@ decoding the whole video and slicing (the fallback, and what every
 streamed item cost before ``read_clip``).
 
 Videos are synthetic, Kinetics-like: 10 s at 30 fps, 340x256, H.264 with
-libx264's default keyframe interval (one keyframe) and MPEG-4 part 2 (one
-every 12 frames). Each item is a training clip as ``ClipDataset`` samples
+libx264's default keyframe interval (one keyframe), MPEG-4 part 2 (one
+every 12 frames) and VP9 in WebM, Something-Something v2's format, whose
+container holds no frame count (``read_clip`` counts from its duration). Each item is a training clip as ``ClipDataset`` samples
 it (random start, crop and flip) at r3d_18's defaults (64 frames, short
 side 128, 112² crop). Run: `python -m benchmarks.bench_clips`.
 """
@@ -48,8 +49,8 @@ def main() -> None:
     spec = ClipSpec(frames=64, size=112, short_side=128)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for codec in ("libx264", "mpeg4"):
-            path = kinetics_like(Path(tmp) / f"{codec}.mp4", codec)
+        for codec, suffix in (("libx264", "mp4"), ("mpeg4", "mp4"), ("libvpx-vp9", "webm")):
+            path = kinetics_like(Path(tmp) / f"{codec}.{suffix}", codec)
             records = [VideoRecord(f"v{i}", str(path), (0,), "train") for i in range(4)]
             ds = ClipDataset(records, 1, spec, train=True, seed=0)
             seek = per_item(ds, args.items)

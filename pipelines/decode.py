@@ -147,6 +147,21 @@ def iter_frames(path: str | Path, spec: FrameSpec, chunk: int = 32) -> Iterator[
         container.close()
 
 
+def _frame_count(container: av.container.InputContainer, stream: av.stream.Stream, native: float) -> int:
+    """The stream's frame count, or 0 where it cannot be told without decoding.
+
+    Matroska and WebM (Something-Something v2's format) store no count, only
+    a duration, so the count is duration × rate there. Where that misleads
+    (a variable rate, a wrong header) ``read_clip`` still falls back to the
+    whole decode when the stream ends before the clip does, rather than
+    decoding every WebM clip whole.
+    """
+    if stream.frames:
+        return stream.frames
+    duration = _duration(container, stream)
+    return round(duration * native) if duration and native else 0
+
+
 def read_clip(
     path: str | Path, spec: FrameSpec, length: int, pick: Callable[[int], int]
 ) -> FrameBatch | None:
@@ -157,10 +172,10 @@ def read_clip(
     video of hundreds, and decoding all of them, and converting each to RGB,
     is most of a streaming DataLoader's time. This seeks to the keyframe
     before the clip, converts only the clip's frames and stops at its end.
-    ``n`` comes from the container's frame count and rate, so the result is
-    None, and the caller decodes the whole video, wherever those cannot
-    place the clip: no frame count, a requested fps above the native rate,
-    a video shorter than the clip, a seek that lands past the clip's start,
+    ``n`` comes from the container's frame count (``_frame_count``) and rate,
+    so the result is None, and the caller decodes the whole video, wherever
+    those cannot place the clip: no frame count or duration, a requested fps
+    above the native rate, a video shorter than the clip, a seek that lands past the clip's start,
     or a stream that ends early (a truncated file, whose error the whole
     decode then raises).
     """
@@ -169,7 +184,7 @@ def read_clip(
     try:
         stream = _video_stream(container, path)
         native = float(stream.average_rate or 0)
-        total = stream.frames
+        total = _frame_count(container, stream, native)
         if not total or not native or (spec.fps and spec.fps > native) or stream.time_base is None:
             return None
         # Sampled frame k is the first native frame at or after t0 + k / rate.

@@ -50,12 +50,14 @@ def test_sampled_content_is_the_right_frame(tmp_path):
         assert red.min() == pytest.approx(4 + 2 * k, abs=1)
 
 
-@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])  # a keyframe every 12 frames; only the first
+# mpeg4: a keyframe every 12 frames; libx264: only the first; WebM (SSv2's format) has no
+# frame count, only a duration.
+@pytest.mark.parametrize("codec, name", [("mpeg4", "v.mp4"), ("libx264", "v.mp4"), ("libvpx-vp9", "v.webm")])
 @pytest.mark.parametrize("fps", [None, 6])
-def test_read_clip_gives_the_frames_a_whole_decode_gives(tmp_path, codec, fps):
+def test_read_clip_gives_the_frames_a_whole_decode_gives(tmp_path, codec, name, fps):
     """A streamed clip seeks to the keyframe before it and converts only its own
     frames; they must be those of decoding everything and slicing."""
-    path = tmp_path / "v.mp4"
+    path = tmp_path / name
     write_video(path, moving_frames(60, width=96), 12, None, codec=codec)
     spec = FrameSpec(fps=fps, short_side=24)
     batches = list(iter_frames(path, spec))
