@@ -98,6 +98,34 @@ def output_size(spec: FrameSpec, width: int, height: int) -> tuple[int, int]:
     return width, height
 
 
+@dataclass
+class _RateSampler:
+    """Which decoded frames a sampling at ``fps`` keeps: the first at or after
+    each target time, so frames are dropped to reach the rate but never
+    duplicated; every frame when ``step`` is 0 (the native rate).
+
+    One rule for ``iter_frames`` and ``read_clip``, because a streamed clip
+    must hold the frames that decoding the whole video and slicing holds.
+    ``next_time`` None starts the targets at the first frame offered;
+    ``read_clip`` sets it to its clip's start, which also drops the frames
+    between the keyframe it seeks to and the clip.
+    """
+
+    step: float  # 1 / fps, or 0 for every frame
+    next_time: float | None = None
+
+    def keep(self, t: float) -> bool:
+        if self.next_time is None:
+            if not self.step:
+                return True
+            self.next_time = t
+        if t + 1e-6 < self.next_time:
+            return False
+        while self.step and self.next_time <= t + 1e-6:
+            self.next_time += self.step
+        return True
+
+
 def iter_frames(path: str | Path, spec: FrameSpec, chunk: int = 32) -> Iterator[FrameBatch]:
     """Yields RGB frames sampled at ``spec`` in chunks of at most ``chunk``.
 
@@ -111,8 +139,7 @@ def iter_frames(path: str | Path, spec: FrameSpec, chunk: int = 32) -> Iterator[
         stream = _video_stream(container, path)
         declared = _duration(container, stream)
         width, height = output_size(spec, stream.codec_context.width, stream.codec_context.height)
-        step = 1.0 / spec.fps if spec.fps else 0.0
-        next_time = None
+        sampler = _RateSampler(1.0 / spec.fps if spec.fps else 0.0)
         frames: list[np.ndarray] = []
         stamps: list[float] = []
         last_time = None
@@ -121,13 +148,8 @@ def iter_frames(path: str | Path, spec: FrameSpec, chunk: int = 32) -> Iterator[
             for frame in container.decode(stream):
                 t = float(frame.time) if frame.time is not None else (last_time or 0.0)
                 last_time = t
-                if next_time is None:
-                    next_time = t
-                if step and t + 1e-6 < next_time:
+                if not sampler.keep(t):
                     continue
-                if step:
-                    while next_time <= t + 1e-6:
-                        next_time += step
                 frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
                 stamps.append(t)
                 if len(frames) == chunk:
@@ -200,7 +222,7 @@ def read_clip(
         container.seek(int(begin / stream.time_base), stream=stream, backward=True, any_frame=False)
         step = 1.0 / spec.fps if spec.fps else 0.0
         # Native rate: every frame from the clip's first; else iter_frames' targets.
-        next_time = begin - (1e-6 if step else period / 2)
+        sampler = _RateSampler(step, begin - (1e-6 if step else period / 2))
         frames: list[np.ndarray] = []
         times: list[float] = []
         first = True
@@ -212,14 +234,12 @@ def read_clip(
                 if first and t > begin + period / 2:
                     return None  # the seek overshot the clip's first frame
                 first = False
-                if t + 1e-6 < next_time:
+                if not sampler.keep(t):
                     continue
                 frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
                 times.append(t)
                 if len(frames) == length:
                     return FrameBatch(np.stack(frames), np.asarray(times))
-                while step and next_time <= t + 1e-6:
-                    next_time += step
         except av.FFmpegError:
             return None
         return None
