@@ -5,9 +5,10 @@ streamed item cost before ``read_clip``).
 Videos are synthetic, Kinetics-like: 10 s at 30 fps, 340x256, H.264 with
 libx264's default keyframe interval (one keyframe), MPEG-4 part 2 (one
 every 12 frames) and VP9 in WebM, Something-Something v2's format, whose
-container holds no frame count (``read_clip`` counts from its duration). Each item is a training clip as ``ClipDataset`` samples
-it (random start, crop and flip) at r3d_18's defaults (64 frames, short
-side 128, 112² crop). Run: `python -m benchmarks.bench_clips`.
+container holds no frame count (``read_clip`` counts from its duration).
+Each item is a training clip as ``ClipDataset`` samples it (random start,
+crop and flip) at r3d_18's defaults (64 frames, short side 128, 112² crop).
+Run: `python -m benchmarks.bench_clips`.
 """
 
 from __future__ import annotations

@@ -197,9 +197,9 @@ def read_clip(
     ``n`` comes from the container's frame count (``_frame_count``) and rate,
     so the result is None, and the caller decodes the whole video, wherever
     those cannot place the clip: no frame count or duration, a requested fps
-    above the native rate, a video shorter than the clip, a seek that lands past the clip's start,
-    or a stream that ends early (a truncated file, whose error the whole
-    decode then raises).
+    above the native rate, a video shorter than the clip, a seek that lands
+    past the clip's start, or a stream that ends early (a truncated file,
+    whose error the whole decode then raises).
     """
     path = str(path)
     container = _open(path)
