@@ -176,7 +176,8 @@ def _frame_count(container: av.container.InputContainer, stream: av.stream.Strea
     a duration, so the count is duration × rate there. Where that misleads
     (a variable rate, a wrong header) ``read_clip`` still falls back to the
     whole decode when the stream ends before the clip does, rather than
-    decoding every WebM clip whole.
+    decoding every WebM clip whole; the clip is then real frames, but not
+    always the one preloading would give for the seed.
     """
     if stream.frames:
         return stream.frames
