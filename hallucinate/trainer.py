@@ -172,8 +172,15 @@ class Trainer:
         if self.hal_loss is not None:
             self.hal_loss.to(self.device)
 
+        # Fused Adam updates every tensor in one pass where torch has the kernel
+        # (CPU and CUDA): the default loops over the tensors in several passes over
+        # memory, and the streams' heads hold most of a small backbone's
+        # parameters (1.2 of 1.6 million on tiny3d with seven streams), so that
+        # loop was a good part of what the streams added to a training step.
+        fused = self.device.type in ("cpu", "cuda")
+
         def adam(params, lr=schedule.lr):
-            return torch.optim.Adam(params, lr=lr, weight_decay=schedule.weight_decay)
+            return torch.optim.Adam(params, lr=lr, weight_decay=schedule.weight_decay, fused=fused)
 
         loss_params = list(hal_loss.parameters()) if hal_loss is not None else []
         if schedule.mode == "joint":
