@@ -55,8 +55,8 @@ def make(
 ):
     model = small_model(streams)
     with torch.no_grad():  # as after some training: a zero last layer passes no gradient back
-        for head in [*model.heads.values(), model.haf]:
-            head.body[-1].weight.normal_(0, 0.1)
+        model.heads.last.normal_(0, 0.1)
+        model.haf.body[-1].weight.normal_(0, 0.1)
     hal = build_hallucination_loss(loss, len(streams), 16, "grouped", 1.0, 0) if streams else None
     options = {"epochs": 2, "lr": 1e-2, **schedule}
     options.update(hal_updates_backbone=hal_updates_backbone, mode=mode, alpha=alpha)
@@ -212,11 +212,12 @@ def test_targets_are_fixed_and_masked_streams_do_not_train(tmp_path):
     torch.testing.assert_close(t.model.target(b["gt"]), first)
     # a stream whose ground truth is absent for the whole batch gets no gradient
     b["mask"][:] = torch.tensor([True, False])
-    head = t.model.heads["b__y--w"]
-    before = snapshot(head)
+    before = t.model.heads.unstack()
     t.model.train()
     t.hallucination_step(b)
-    assert not changed(before, head)
+    after = t.model.heads.unstack()
+    assert not changed(snapshot(before[1]), after[1])  # every tensor of stream b's head
+    assert changed(snapshot(before[0]), after[0])
 
 
 class _Data(torch.utils.data.Dataset):
@@ -390,13 +391,13 @@ def test_the_deployed_model_folds_the_heads_and_keeps_the_logits(options, folds)
     with torch.no_grad():
         x_rgb = model.backbone(clip)
         if folds:
-            heads = [*model.heads.values(), model.haf]
+            heads = [*model.heads.unstack(), model.haf]
             stacked = torch.stack([h(x_rgb) for h in heads], 1)
             torch.testing.assert_close(deployed.folded(x_rgb), stacked, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(deployed(clip), model(clip), rtol=1e-4, atol=1e-5)
     if not folds and options.get("head") == "conv":
         with pytest.raises(ValueError, match="only fc heads fold"):
-            FoldedHeads(list(model.heads.values()))
+            FoldedHeads(model.heads.unstack())
 
 
 def test_a_fusion_that_is_not_affine_is_not_folded():
@@ -654,7 +655,7 @@ def test_alpha_sets_the_backbones_hallucination_step_size_in_alternating_mode(tm
         "gt": {s.name: torch.randn(4, s.dim) for s in STREAMS},
     }
     before = snapshot(trainer.model.backbone)
-    head = trainer.model.heads["a__x--v"].body[-1].weight
+    head = trainer.model.heads.last[0]
     head_before = head.detach().clone()
     for _ in range(3):
         trainer.hallucination_step(batch)
@@ -811,3 +812,67 @@ def test_a_training_video_that_cannot_be_decoded_is_named_and_left_out(tiny_demo
         ClipDataset(bad, 6, CLIP, True, preload=True)
     with pytest.raises(DatasetError, match="cannot be decoded"):
         ClipDataset(bad, 6, CLIP, True)[0]
+
+
+@pytest.mark.parametrize("kind", ["fc", "conv"])
+def test_stacked_stream_heads_are_the_separate_heads(kind):
+    """StreamHeads stores S heads as a few stacked tensors for speed; it must start
+    from the weights S StreamHead modules would have drawn, and compute what they
+    compute, forward and backward, with batch statistics and with running ones."""
+    from hallucinate.model import StreamHead, StreamHeads
+
+    torch.manual_seed(0)
+    bank = StreamHeads(["a", "b", "c"], 6, 4, 5, 8, kind)
+    torch.manual_seed(0)
+    drawn = [StreamHead(6, 4, 5, 8, kind) for _ in range(3)]
+    for head, copy in zip(drawn, bank.unstack(), strict=True):
+        for (name, value), (_, other) in zip(
+            head.state_dict().items(), copy.state_dict().items(), strict=True
+        ):
+            assert torch.equal(value, other), name
+    with torch.no_grad():  # distinct last layers and running statistics, so a mixed-up head shows
+        bank.last.normal_(0, 0.5)
+        bank.bias.normal_(0, 0.5)
+        for module in bank.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.2, 3)
+    heads = bank.unstack()
+    for training in (True, False):
+        bank.train(training)
+        for head in heads:
+            head.train(training)
+        x = torch.randn(7, 6, 4).relu().requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        out = bank(x)
+        ref = torch.stack([h(x2) for h in heads], 1)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        weights = torch.randn_like(out)
+        (out * weights).sum().backward()
+        (ref * weights).sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bank.last.grad[1].t(), heads[1].body[-1].weight.grad, rtol=1e-5, atol=1e-6)
+        bank.zero_grad()
+        for head in heads:
+            head.zero_grad()
+
+
+def test_a_checkpoint_with_one_module_per_head_loads_into_the_stacked_heads(tmp_path):
+    """Runs written before the heads were stacked keep one heads.<stream>.body.* per
+    stream; they load, converted, and give the logits they gave."""
+    model = small_model(STREAMS + [StreamSpec("c.z/u", 11)])
+    with torch.no_grad():
+        for value in model.heads.parameters():
+            value.normal_(0, 0.3)
+    model.eval()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
+    for key, head in zip(model.heads.keys, model.heads.unstack(), strict=True):
+        state.update({f"heads.{key}.{k}": v for k, v in head.state_dict().items()})
+    assert "heads.a__x--v.body.1.weight" in state  # the layout of the older runs
+    fresh = small_model(STREAMS + [StreamSpec("c.z/u", 11)]).eval()
+    from hallucinate.model import load_model_state
+
+    load_model_state(fresh, state, tmp_path / "old.pt")
+    clip = batch(3)["clip"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(clip), model(clip))
