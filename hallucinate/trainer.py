@@ -58,7 +58,7 @@ from tqdm import tqdm
 from hallucinate.losses import UncertaintyLoss, masked_mse
 from hallucinate.metrics import classification_metrics
 from hallucinate.model import HallucinationNet, load_model_state
-from pipelines.errors import DivergedError
+from pipelines.errors import DivergedError, HallucinateError
 
 # Precision name -> the dtype autocast computes in (None: no autocast).
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -448,7 +448,14 @@ class Trainer:
         if self.hal_loss is not None and state["hal_loss"] is not None:
             self.hal_loss.load_state_dict(state["hal_loss"])
         for key, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][key])
+            try:
+                optimizer.load_state_dict(state["optimizers"][key])
+            except ValueError as err:  # e.g. one tensor per stream head, before StreamHeads
+                raise HallucinateError(
+                    f"{path}: its optimiser state does not fit this version's model ({err}). "
+                    "Its weights still load for `hallucinate evaluate`; to train on, start a new "
+                    "run directory (run=...)."
+                ) from err
             # Runs written before the warm-up (2026-11-24) saved a StepLR, which has
             # no lr_lambdas; the epoch and the optimiser's lr carry over as they are.
             scheduler = {"lr_lambdas": [None] * len(optimizer.param_groups), **state["schedulers"][key]}

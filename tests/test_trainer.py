@@ -317,6 +317,14 @@ def test_a_checkpoint_of_another_layout_is_named_with_the_fix(tmp_path):
         make(tmp_path=tmp_path).resume()
     with pytest.raises(HallucinateError, match=r"last\.pt: the checkpoint does not fit"):
         load_model(tmp_path, "last.pt")
+    # Runs from before the heads were stacked load (converted), but their optimiser
+    # held one tensor per head layer: resuming one is refused with the fix.
+    state = torch.load(tmp_path / "ok.pt", weights_only=False)
+    group = state["optimizers"]["cls"]["param_groups"][0]
+    group["params"] = group["params"] + [max(group["params"]) + 1]
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(HallucinateError, match=r"last\.pt: its optimiser state does not fit.*run="):
+        make(tmp_path=tmp_path).resume()
 
 
 def test_export_gives_the_same_logits(tmp_path):
