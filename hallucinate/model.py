@@ -116,6 +116,15 @@ _LAYOUTS = {
 }
 
 
+# how -> (stack S heads' tensors, split the stacked tensor back into S)
+_HOW = {
+    "cat": (torch.cat, lambda v, n: v.chunk(n)),
+    "t": (lambda parts: torch.stack([p.t() for p in parts]), lambda v, n: [p.t() for p in v.unbind()]),
+    "row": (lambda parts: torch.stack(parts)[:, None], lambda v, n: v[:, 0].unbind()),
+    "same": (lambda parts: parts[0], lambda v, n: [v] * n),
+}
+
+
 class StreamHeads(nn.Module):
     """Every stream's head, the same template S times, stored stacked: (B, C, T′) -> (B, S, d).
 
@@ -204,15 +213,6 @@ def _unstack_heads(state: dict, count: int, kind: str) -> list[dict]:
         for head, value in zip(out, _HOW[how][1](state[name], count), strict=True):
             head[source] = value
     return out
-
-
-# how -> (stack S heads' tensors, split the stacked tensor back into S)
-_HOW = {
-    "cat": (torch.cat, lambda v, n: v.chunk(n)),
-    "t": (lambda parts: torch.stack([p.t() for p in parts]), lambda v, n: [p.t() for p in v.unbind()]),
-    "row": (lambda parts: torch.stack(parts)[:, None], lambda v, n: v[:, 0].unbind()),
-    "same": (lambda parts: parts[0], lambda v, n: [v] * n),
-}
 
 
 class FoldedHeads(nn.Module):
