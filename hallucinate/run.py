@@ -273,7 +273,9 @@ class InferenceModel(torch.nn.Module):
         self.backbone, self.power_norm = model.backbone, model.power_norm
         self.folded = self.classifier = None
         try:
-            self.folded = FoldedHeads([*(model.heads.unstack() if model.heads else []), model.haf])
+            self.folded = FoldedHeads(
+                [*(model.heads.unstack() if model.heads is not None else []), model.haf]
+            )
         except ValueError:  # conv heads, or HAF of another size (MSK with concat)
             self.model = model
         try:

@@ -62,6 +62,11 @@ def _video_stream(container: av.container.InputContainer, path: str) -> av.video
     return stream
 
 
+def _start_seconds(stream: av.stream.Stream) -> float:
+    """When the stream's first frame is presented, in seconds (0 where the container says nothing)."""
+    return float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+
+
 def _duration(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
@@ -161,7 +166,7 @@ def iter_frames(path: str | Path, spec: FrameSpec, chunk: int = 32) -> Iterator[
             raise CorruptVideoError(path, "no decodable video frames")
         if frames:
             yield FrameBatch(np.stack(frames), np.asarray(stamps))
-        start = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+        start = _start_seconds(stream)
         covered = last_time - start + native_period
         if declared and covered < TRUNCATION_TOLERANCE * declared:
             raise TruncatedVideoError(path, covered, declared)
@@ -216,7 +221,7 @@ def read_clip(
         if n < length:
             return None
         start = int(pick(n))
-        t0 = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+        t0 = _start_seconds(stream)
         begin = t0 + start / rate
         period = 1.0 / native
         width, height = output_size(spec, stream.codec_context.width, stream.codec_context.height)
