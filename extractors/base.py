@@ -31,12 +31,35 @@ class FrameSpec:
 
     ``fps`` is an upper bound: frames are dropped to reach it, never
     duplicated. ``size`` is (width, height); ``short_side`` keeps the aspect
-    ratio instead. ``None`` means the video's own value.
+    ratio instead. ``max_short_side`` is an upper bound too: larger frames
+    are shrunk to it (aspect kept), smaller ones decoded as they are, since
+    enlarging a 160x120 video adds cost and no information to a
+    descriptor. ``None`` means the video's own value.
     """
 
     fps: float | None = None
     size: tuple[int, int] | None = None
     short_side: int | None = None
+    max_short_side: int | None = None
+
+
+# Sampling defaults for real video, per family (README, "Extractors").
+# Real pipelines resize before anything else (MMAction2's and Kinetics'
+# pre-processing keep a short side of 256 or 320; video_features resizes for
+# every model). At native size one 1080p clip cost more than the rest of the
+# eight real clips together, and nothing in the defaults gains from the
+# pixels: the descriptors pool over coarse grids, the HOG window is 64x128,
+# the saliency maps are 160x128. Set per extractor (options.<name>.fps,
+# .short_side), these values are written into each config, so they are in
+# the provenance and the cache key.
+SHORT_SIDE = 256
+# Flow, and what reads it (OFF, IDT) or moves with it (SDF): motion within
+# 1/15 s stays within DIS's search range at this size, and half the pairs of
+# a 30 frame/s video halve their cost.
+MOTION_FPS = 15.0
+# Detectors (ODF): boxes change slowly next to flow, and a box per 0.2 s is
+# what the Eq. 16 pooling of a clip needs; HOG was the costliest default.
+DETECTION_FPS = 5.0
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,16 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
-from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
+from extractors.base import (
+    MOTION_FPS,
+    SHORT_SIDE,
+    Extractor,
+    FrameSpec,
+    Needs,
+    OutputSpec,
+    Result,
+    VideoInput,
+)
 from extractors.registry import build_backend, register
 from pipelines.config import to_plain
 from pipelines.device import pick_device
@@ -224,12 +233,105 @@ STORE_MODES = ("none", "float16", "uint8")
 
 @dataclass
 class FlowConfig:
-    fps: float | None = None  # None: every frame
-    short_side: int | None = None  # None: the video's own size
+    fps: float | None = MOTION_FPS  # an upper bound; None: every frame
+    short_side: int | None = SHORT_SIDE  # an upper bound: larger frames are shrunk to it; None: native
     backend: dict[str, Any] = field(default_factory=dict)  # name=dis|farneback|tvl1|raft and its options
     store: str = "none"  # none (handed to dependents only), float16, or uint8 within ±clip
     clip: float = 20.0  # pixels; the uint8 quantisation bound
     chunk: int = 32
+
+
+# Flow past this size is kept in a temporary file (``FlowFrames``): 128 MiB holds about
+# 140 fields at 456x256, nine seconds of a video at the default 15 frames/s.
+FLOW_IN_MEMORY = 128 * 2**20
+
+
+class FlowFrames:
+    """A video's flow (n, H, W, 2) float32 that moves to a temporary file past ``memory_bytes``.
+
+    Why: flow is the one per-frame output a dependent reads whole (OFF, IDT
+    and SDF each walk every field), and kept as one array it made a worker's
+    memory grow with the video's length (a 1080p, 150-frame clip passed
+    3.1 GB). The fields are appended chunk by chunk as they are computed;
+    reads (``flow[t]``, ``flow[a:b]``) copy from memory or from the file, so
+    resident memory holds at most ``memory_bytes`` plus what a reader asks
+    for. The file is unlinked when created (``tempfile.TemporaryFile``):
+    a killed worker leaves nothing behind.
+    """
+
+    def __init__(self, memory_bytes: int | None = None) -> None:
+        memory_bytes = FLOW_IN_MEMORY if memory_bytes is None else memory_bytes
+        self.memory_bytes = memory_bytes
+        self._chunks: list[np.ndarray] = []
+        self._array: np.ndarray | None = None
+        self._file = None
+        self._n, self._hw = 0, (0, 0)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self._n, *self._hw, 2)
+
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _field_bytes(self) -> int:
+        return self._hw[0] * self._hw[1] * 2 * 4
+
+    def append(self, chunk: np.ndarray) -> None:
+        chunk = np.ascontiguousarray(chunk, np.float32)
+        self._hw = chunk.shape[1:3]
+        if self._file is None and (self._n + len(chunk)) * self._field_bytes() > self.memory_bytes:
+            import tempfile
+
+            # Held open across calls and closed by close() (or with the result), so no with-block.
+            self._file = tempfile.TemporaryFile(prefix="hallucinate-flow-")  # noqa: SIM115
+            for part in [self._array] if self._array is not None else self._chunks:
+                self._file.write(part.tobytes())
+            self._chunks, self._array = [], None
+        if self._file is not None:
+            self._file.seek(0, 2)
+            self._file.write(chunk.tobytes())
+        else:
+            self._chunks.append(chunk)
+            self._array = None
+        self._n += len(chunk)
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        if self._file is None:
+            if self._array is None:
+                self._array = (
+                    np.concatenate(self._chunks) if self._chunks else np.zeros(self.shape, np.float32)
+                )
+                self._chunks = [self._array]
+            return self._array[start:stop]
+        out = np.empty((max(stop - start, 0), *self._hw, 2), np.float32)
+        self._file.seek(start * self._field_bytes())
+        self._file.readinto(memoryview(out).cast("B"))
+        return out
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self._n)
+            return self._read(start, stop) if step == 1 else self._read(start, stop)[::step]
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (self._n if key < 0 else 0)
+            if not 0 <= i < self._n:
+                raise IndexError(f"flow field {key} of {self._n}")
+            return self._read(i, i + 1)[0]
+        return self._read(0, self._n)[key]  # fancy indexing: rare, and small videos only
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self._read(0, self._n)
+        return whole if dtype is None else whole.astype(dtype)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def quantise_flow(flow: np.ndarray, clip: float) -> np.ndarray:
@@ -278,7 +380,7 @@ class Flow(Extractor):
         self.backend: FlowBackend = cls(cfg)
 
     def needs(self) -> Needs:
-        return Needs(frames=FrameSpec(fps=self.config.fps, short_side=self.config.short_side))
+        return Needs(frames=FrameSpec(fps=self.config.fps, max_short_side=self.config.short_side))
 
     def produces(self) -> dict[str, OutputSpec]:
         out = {"stats": OutputSpec((None, 3), "float32", "mean |flow|, mean dx, mean dy per frame pair")}
@@ -302,24 +404,30 @@ class Flow(Extractor):
             last = batch.frames[-1]
 
     def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
-        chunks = list(self.iter_flow(video))
-        if not chunks:
+        flow = FlowFrames()
+        stats, kept = [], []
+        for chunk in self.iter_flow(video):
+            stats.append(
+                np.stack(
+                    [
+                        np.hypot(chunk[..., 0], chunk[..., 1]).mean((1, 2)),
+                        chunk[..., 0].mean((1, 2)),
+                        chunk[..., 1].mean((1, 2)),
+                    ],
+                    1,
+                )
+            )
+            flow.append(chunk)
+            if self.config.store == "float16":
+                kept.append(chunk.astype(np.float16))
+            elif self.config.store == "uint8":
+                kept.append(quantise_flow(chunk, self.config.clip))
+        if not len(flow):
             raise ValueError(f"{video.path}: fewer than two frames were decoded, so there is no flow")
-        flow = np.concatenate(chunks)
-        stats = np.stack(
-            [
-                np.hypot(flow[..., 0], flow[..., 1]).mean((1, 2)),
-                flow[..., 0].mean((1, 2)),
-                flow[..., 1].mean((1, 2)),
-            ],
-            1,
-        ).astype(np.float32)
         attrs = {"backend": self.backend.name, "clip": self.config.clip, **self.backend.provenance()}
-        arrays = {"stats": stats}
-        if self.config.store == "float16":
-            arrays["flow"] = flow.astype(np.float16)
-        elif self.config.store == "uint8":
-            arrays["flow"] = quantise_flow(flow, self.config.clip)
+        arrays = {"stats": np.concatenate(stats).astype(np.float32)}
+        if kept:
+            arrays["flow"] = np.concatenate(kept)
         result = Result(arrays, attrs=attrs)
         result.transient["flow"] = flow
         return result
@@ -450,22 +558,91 @@ class HOFMBH(Extractor):
         return Result({"descriptor": hofmbh_descriptor(flow, self.config.grid)})
 
 
-def hofmbh_descriptor(flow: np.ndarray, grid: list[int]) -> np.ndarray:
-    """The ``off.hofmbh`` vector of a flow video (n, H, W, 2); see :class:`HOFMBH`."""
-    gx, gy, gt = grid
+def cell_orientation_histograms(
+    dx: np.ndarray,
+    dy: np.ndarray,
+    bins: int,
+    base: np.ndarray,
+    n_cells: int,
+    zero_threshold: float | None = None,
+) -> np.ndarray:
+    """``orientation_channels`` summed over the pixels of each cell: (n_cells, bins[+1]) float64.
+
+    Why not the channels and a sum: a descriptor pooled over a 3×3 grid
+    needs no per-pixel channel image, and writing one (H·W × 25 floats a
+    frame) then summing it per channel was most of ``off.hofmbh``'s time on
+    real video. Weighted bincounts over (cell, bin) indices give the same
+    sums. ``base`` is each pixel's cell index times the histogram's width
+    (``bins``, plus one with ``zero_threshold``), flattened.
+    """
+    dx = np.ascontiguousarray(dx, np.float32)
+    dy = np.ascontiguousarray(dy, np.float32)
+    magnitude, angle = cv2.cartToPolar(dx, dy)
+    frac, whole = np.modf((angle * np.float32(bins / (2 * math.pi))).reshape(-1))
+    lo = whole.astype(np.int32)
+    lo[lo == bins] = 0  # an angle rounded up to 2π
+    hi = lo + 1
+    hi[hi == bins] = 0
+    width = bins + (zero_threshold is not None)
+    size = n_cells * width
+    moving = magnitude.reshape(-1)
+    out = np.zeros(size)
+    if zero_threshold is not None:
+        still = moving < zero_threshold
+        out += np.bincount(base[still] + bins, minlength=size)
+        moving = np.where(still, np.float32(0), moving)
+    upper = moving * frac
+    out += np.bincount(base + lo, moving - upper, size)
+    out += np.bincount(base + hi, upper, size)
+    return out.reshape(n_cells, width)
+
+
+class HOFMBHAccumulator:
+    """``off.hofmbh``'s grid histograms, one flow field at a time.
+
+    Streaming, so the descriptor of a long video never needs its flow in
+    memory at once: ``n_pairs`` (the video's flow-field count) places each
+    field in its time cell as it arrives.
+    """
+
+    def __init__(self, grid: list[int], n_pairs: int, height: int, width: int) -> None:
+        gx, gy, gt = grid
+        self.grid, self.n_pairs, self.seen = grid, n_pairs, 0
+        ys = np.minimum(np.arange(height) * gy // height, gy - 1)
+        xs = np.minimum(np.arange(width) * gx // width, gx - 1)
+        cell = (ys[:, None] * gx + xs[None, :]).reshape(-1).astype(np.int32)
+        self.hof_base, self.mbh_base = cell * (HOF_BINS + 1), cell * MBH_BINS
+        self.hist = np.zeros((gt, gy * gx, MOTION_CHANNELS), np.float64)
+
+    def add(self, flow: np.ndarray) -> None:
+        """Adds one flow field (H, W, 2)."""
+        gt, cells = self.grid[2], self.hist.shape[1]
+        u, v = flow[..., 0], flow[..., 1]
+        parts = [
+            cell_orientation_histograms(u, v, HOF_BINS, self.hof_base, cells, HOF_ZERO),
+            cell_orientation_histograms(*image_gradients(u), MBH_BINS, self.mbh_base, cells),
+            cell_orientation_histograms(*image_gradients(v), MBH_BINS, self.mbh_base, cells),
+        ]
+        self.hist[min(self.seen * gt // max(self.n_pairs, 1), gt - 1)] += np.concatenate(parts, 1)
+        self.seen += 1
+
+    def descriptor(self) -> np.ndarray:
+        split = np.cumsum([HOF_BINS + 1, MBH_BINS])
+        blocks = [root_normalise(part) for part in np.split(self.hist, split, axis=-1)]
+        return np.concatenate(blocks, -1).reshape(-1).astype(np.float32)
+
+
+def hofmbh_descriptor(flow, grid: list[int]) -> np.ndarray:
+    """The ``off.hofmbh`` vector of a flow video (n, H, W, 2); see :class:`HOFMBH`.
+
+    ``flow`` is an array or a ``FlowFrames`` (a flow video spilled to disk),
+    read one field at a time.
+    """
     n, h, w = flow.shape[:3]
-    ys = np.minimum(np.arange(h) * gy // h, gy - 1)
-    xs = np.minimum(np.arange(w) * gx // w, gx - 1)
-    cell = (ys[:, None] * gx + xs[None, :]).reshape(-1)
-    channels = MOTION_CHANNELS
-    hist = np.zeros((gt, gy * gx, channels), np.float64)
-    for t in range(n):  # one frame pair at a time: memory stays one frame's channels
-        frame = motion_channels(flow[t]).reshape(-1, channels)
-        per_cell = np.stack([np.bincount(cell, frame[:, k], gy * gx) for k in range(channels)], 1)
-        hist[min(t * gt // max(n, 1), gt - 1)] += per_cell
-    split = np.cumsum([HOF_BINS + 1, MBH_BINS])
-    blocks = [root_normalise(part) for part in np.split(hist, split, axis=-1)]
-    return np.concatenate(blocks, -1).reshape(-1).astype(np.float32)
+    acc = HOFMBHAccumulator(grid, n, h, w)
+    for t in range(n):
+        acc.add(flow[t])
+    return acc.descriptor()
 
 
 # ---------------------------------------------------------------- OFF: I3D flow network

@@ -44,7 +44,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
+from extractors.base import (
+    MOTION_FPS,
+    SHORT_SIDE,
+    Extractor,
+    FrameSpec,
+    Needs,
+    OutputSpec,
+    Result,
+    VideoInput,
+)
 from extractors.codebooks import PARTS, Codebook, encode_cumulative, finish_bow, finish_fv
 from extractors.detectors import person_boxes_by_frame
 from extractors.flow import (
@@ -66,8 +75,8 @@ CHANNELS = HOG_BINS + MOTION_CHANNELS  # 33 integral-histogram channels a frame
 @dataclass
 class IDTConfig:
     flow: str = "flow"  # the flow extractor this reads; fps and short_side must match it
-    fps: float | None = None
-    short_side: int | None = None
+    fps: float | None = MOTION_FPS
+    short_side: int | None = SHORT_SIDE
     stride: int = 5  # W: dense-sampling step in pixels, at every scale
     scales: int = 8  # at most; fewer when the frame is small
     scale_factor: float = 1 / math.sqrt(2)
@@ -409,7 +418,7 @@ class IDT(Extractor):
     def needs(self) -> Needs:
         c = self.config
         inputs = (c.flow,) if c.person_boxes is None else (c.flow, c.person_boxes)
-        return Needs(frames=FrameSpec(fps=c.fps, short_side=c.short_side), inputs=inputs)
+        return Needs(frames=FrameSpec(fps=c.fps, max_short_side=c.short_side), inputs=inputs)
 
     def produces(self) -> dict[str, OutputSpec]:
         out: dict[str, OutputSpec] = {}

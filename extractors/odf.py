@@ -12,8 +12,9 @@ again with another n′, embedding or power normalisation without running
 any detector. A video with no box at all gets a zero descriptor and the
 ``no_boxes`` flag, which the trainer reads as "no ground truth".
 
-The paper ran its detectors on every frame; ``fps`` (default: every
-frame) trades that for speed.
+The paper ran its detectors on every frame; the default ``fps`` (5) and
+``short_side`` (256) trade that for speed on real video (``extractors.base``
+says why); ``fps=null short_side=null`` is the paper's setting.
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
+from extractors.base import (
+    DETECTION_FPS,
+    SHORT_SIDE,
+    Extractor,
+    FrameSpec,
+    Needs,
+    OutputSpec,
+    Result,
+    VideoInput,
+)
 from extractors.crops import CROP_FEATURES, CropFeatures, crop_boxes
 from extractors.detectors import DETECTORS, LABEL_RANGES, LABEL_SLOTS, Detector
 from extractors.encoders import (
@@ -80,8 +90,8 @@ def odf_descriptor(
 
 @dataclass
 class ODFConfig:
-    fps: float | None = None  # None: every frame, as the paper did
-    short_side: int | None = None  # frames resized before detection; None: native size
+    fps: float | None = DETECTION_FPS  # an upper bound; None: every frame, as the paper did
+    short_side: int | None = SHORT_SIDE  # an upper bound: larger frames are shrunk to it; None: native
     score_threshold: float = 0.3
     max_boxes: int = 20  # per frame, highest scores first
     n_vectors: int = 3  # n′ eigenvectors
@@ -130,7 +140,7 @@ class ODFExtractor(Extractor):
         return box_vector_dim(self.crop_features.dim, self.config.rbf)
 
     def needs(self) -> Needs:
-        return Needs(frames=FrameSpec(fps=self.config.fps, short_side=self.config.short_side))
+        return Needs(frames=FrameSpec(fps=self.config.fps, max_short_side=self.config.short_side))
 
     def produces(self) -> dict[str, OutputSpec]:
         c = self.config

@@ -554,7 +554,7 @@ class Skeleton(Extractor):
     def needs(self) -> Needs:
         c = self.config
         inputs = (c.person_boxes,) if self.backend.needs_boxes else ()
-        return Needs(frames=FrameSpec(fps=c.fps, short_side=c.short_side), inputs=inputs)
+        return Needs(frames=FrameSpec(fps=c.fps, max_short_side=c.short_side), inputs=inputs)
 
     def produces(self) -> dict[str, OutputSpec]:
         c = self.config

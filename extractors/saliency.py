@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
-from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
+from extractors.base import MOTION_FPS, Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
 from extractors.encoders import (
     check_power_norm,
     multi_moment_pool,
@@ -288,7 +288,7 @@ class DeepSaliency(SaliencyBackend):
 
 @dataclass
 class SDFConfig:
-    fps: float | None = None  # None: every frame
+    fps: float | None = MOTION_FPS  # an upper bound; None: every frame
     map_size: list[int] = field(default_factory=lambda: [160, 128])  # width, height (ACLNet's 160x128)
     n_vectors: int = 3  # n†
     sigma_orientation: float | None = None  # None: the pivot spacing, 1/12

@@ -44,6 +44,7 @@ class ExtractConfig:
     max_attempts: int = 2  # a failed video is retried once by the next run
     compression: str | None = "gzip"
     workers: int | None = None  # None: one per core; 0: in this process, no dask
+    threads: int | None = None  # OpenCV/torch threads per worker; None: cores / workers
     scheduler: str | None = None  # tcp://host:port of an existing dask scheduler
     cluster: str = "local"  # local, slurm, pbs, sge, lsf or htcondor
     jobqueue: dict[str, Any] = field(default_factory=dict)  # dask-jobqueue cluster arguments
@@ -265,7 +266,9 @@ def cmd_extract(cfg: ExtractConfig) -> int:
         f"{dataset.name} into {out}",
         file=sys.stderr,
     )
-    options = ClusterOptions(cfg.workers, cfg.scheduler, cfg.cluster, dict(cfg.jobqueue))
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads={cfg.threads}: give at least 1, or leave it unset (cores / workers)")
+    options = ClusterOptions(cfg.workers, cfg.scheduler, cfg.cluster, dict(cfg.jobqueue), threads=cfg.threads)
     summary = run_extraction(
         records,
         specs,

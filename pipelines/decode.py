@@ -97,8 +97,11 @@ def output_size(spec: FrameSpec, width: int, height: int) -> tuple[int, int]:
     """(width, height) after resizing; sizes are kept even for chroma-subsampled codecs."""
     if spec.size is not None:
         return spec.size
-    if spec.short_side is not None:
-        scale = spec.short_side / min(width, height)
+    short = spec.short_side
+    if short is None and spec.max_short_side is not None and min(width, height) > spec.max_short_side:
+        short = spec.max_short_side
+    if short is not None:
+        scale = short / min(width, height)
         return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
     return width, height
 
@@ -138,34 +141,55 @@ def iter_frames(path: str | Path, spec: FrameSpec, chunk: int = 32) -> Iterator[
     frames are dropped to reach the rate but never duplicated. Resizing is
     done by swscale on the kept frames only.
     """
+    for _, batch in decode_samplings(path, [spec], chunk):
+        yield batch
+
+
+def decode_samplings(
+    path: str | Path, specs: list[FrameSpec], chunk: int = 32, active: set[FrameSpec] | None = None
+) -> Iterator[tuple[FrameSpec, FrameBatch]]:
+    """One decode of ``path`` for several samplings: (spec, batch) pairs in decode order.
+
+    Why: each sampling decoded on its own decodes the video once per
+    sampling, and a 1080p H.264 frame costs more to decode (about 7 ms a
+    core) than the default extractors spend on it at a short side of 256.
+    Each spec keeps its own rate sampler and swscale size, so its frames are
+    those ``iter_frames`` gives for it alone. A spec removed from ``active``
+    (the caller's set, default all of ``specs``) stops being converted.
+    """
     path = str(path)
+    active = set(specs) if active is None else active
     container = _open(path)
     try:
         stream = _video_stream(container, path)
         declared = _duration(container, stream)
-        width, height = output_size(spec, stream.codec_context.width, stream.codec_context.height)
-        sampler = _RateSampler(1.0 / spec.fps if spec.fps else 0.0)
-        frames: list[np.ndarray] = []
-        stamps: list[float] = []
+        native_w, native_h = stream.codec_context.width, stream.codec_context.height
+        sizes = {spec: output_size(spec, native_w, native_h) for spec in specs}
+        samplers = {spec: _RateSampler(1.0 / spec.fps if spec.fps else 0.0) for spec in specs}
+        frames: dict[FrameSpec, list[np.ndarray]] = {spec: [] for spec in specs}
+        stamps: dict[FrameSpec, list[float]] = {spec: [] for spec in specs}
         last_time = None
         native_period = 1.0 / float(stream.average_rate or 25)
         try:
             for frame in container.decode(stream):
                 t = float(frame.time) if frame.time is not None else (last_time or 0.0)
                 last_time = t
-                if not sampler.keep(t):
-                    continue
-                frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
-                stamps.append(t)
-                if len(frames) == chunk:
-                    yield FrameBatch(np.stack(frames), np.asarray(stamps))
-                    frames, stamps = [], []
+                for spec in specs:
+                    if spec not in active or not samplers[spec].keep(t):
+                        continue
+                    width, height = sizes[spec]
+                    frames[spec].append(frame.to_ndarray(format="rgb24", width=width, height=height))
+                    stamps[spec].append(t)
+                    if len(frames[spec]) == chunk:
+                        yield spec, FrameBatch(np.stack(frames[spec]), np.asarray(stamps[spec]))
+                        frames[spec], stamps[spec] = [], []
         except av.FFmpegError as exc:
             raise CorruptVideoError(path, str(exc)) from None
         if last_time is None:
             raise CorruptVideoError(path, "no decodable video frames")
-        if frames:
-            yield FrameBatch(np.stack(frames), np.asarray(stamps))
+        for spec in specs:
+            if frames[spec] and spec in active:
+                yield spec, FrameBatch(np.stack(frames[spec]), np.asarray(stamps[spec]))
         start = _start_seconds(stream)
         covered = last_time - start + native_period
         if declared and covered < TRUNCATION_TOLERANCE * declared:
@@ -278,14 +302,19 @@ def read_audio(path: str | Path, spec: AudioSpec) -> AudioTrack | None:
 class VideoSource:
     """One video as the extractors see it (implements ``extractors.base.VideoInput``).
 
-    When several extractors share a sampling, the decoded chunks are kept for
-    the next one as long as they fit ``cache_bytes``; a longer video is
-    decoded again instead, so memory stays bounded. The timestamps of every
-    sampling are recorded for provenance.
+    ``specs`` are the frame samplings the extractors still to run on this
+    video will ask for. The first request decodes the video once for all of
+    them (``decode_samplings``), yielding its own frames as they come and
+    keeping the others' for their extractors, as long as everything kept
+    fits ``cache_bytes``; a sampling that does not fit is dropped and
+    decoded again when asked for, so memory stays bounded whatever the
+    video's length. The timestamps of every sampling are recorded for
+    provenance.
     """
 
     video_id: str
     path: str
+    specs: tuple[FrameSpec, ...] = ()
     cache_bytes: int = 256 * 2**20
     timestamps: dict[FrameSpec, np.ndarray] = field(default_factory=dict)
     _frame_cache: dict[FrameSpec, list[FrameBatch]] = field(default_factory=dict, repr=False)
@@ -298,21 +327,28 @@ class VideoSource:
                 for i in range(0, len(batch.frames), chunk):
                     yield FrameBatch(batch.frames[i : i + chunk], batch.timestamps[i : i + chunk])
             return
-        kept: list[FrameBatch] | None = []
-        used = 0
-        stamps: list[np.ndarray] = []
-        for batch in iter_frames(self.path, spec, chunk):
-            stamps.append(batch.timestamps)
-            if kept is not None:
+        wanted = [spec] + [s for s in dict.fromkeys(self.specs) if s != spec and s not in self._frame_cache]
+        active = set(wanted)
+        kept: dict[FrameSpec, list[FrameBatch]] = {s: [] for s in wanted}
+        used = sum(b.frames.nbytes for batches in self._frame_cache.values() for b in batches)
+        stamps: dict[FrameSpec, list[np.ndarray]] = {s: [] for s in wanted}
+        for got, batch in decode_samplings(self.path, wanted, chunk, active):
+            stamps[got].append(batch.timestamps)
+            if got in kept:
                 used += batch.frames.nbytes
-                if used <= self.cache_bytes:
-                    kept.append(batch)
+                if used > self.cache_bytes:  # drop this sampling's cache, not the frames asked for
+                    used -= sum(b.frames.nbytes for b in kept.pop(got))
+                    if got != spec:
+                        active.discard(got)
+                        continue
                 else:
-                    kept = None
-            yield batch
-        self.timestamps[spec] = np.concatenate(stamps) if stamps else np.zeros(0)
-        if kept is not None:
-            self._frame_cache[spec] = kept
+                    kept[got].append(batch)
+            if got == spec:
+                yield batch
+        for s in active:
+            self.timestamps[s] = np.concatenate(stamps[s]) if stamps[s] else np.zeros(0)
+        for s, batches in kept.items():
+            self._frame_cache[s] = batches
 
     def audio(self, spec: AudioSpec) -> AudioTrack | None:
         if spec not in self._audio_cache:

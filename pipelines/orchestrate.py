@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from pipelines.datasets import VideoRecord
 from pipelines.errors import ConfigError, DiskFullError
+from pipelines.process import configure_process, default_threads
 from pipelines.runner import ExtractorPool, ExtractorSpec, ShardJob, ShardReport, process_shard
 from pipelines.store import ShardIndex, append_ledger, read_complete
 
@@ -47,8 +48,18 @@ class ClusterOptions:
     scheduler: str | None = None
     cluster: str = "local"
     jobqueue: dict[str, Any] = field(default_factory=dict)
-    threads_per_worker: int = 1
+    threads_per_worker: int = 1  # dask task threads: one shard at a time per worker
+    # OpenCV's and torch's threads in each worker. None: this machine's cores divided
+    # by the local workers (workers=0: all of them); on a scheduler or batch cluster,
+    # each worker's own dask thread count (jobqueue: cores / processes).
+    threads: int | None = None
     local_gpus: bool = False  # LocalCluster workers declare a GPU resource
+
+    def local_threads(self) -> int:
+        """Library threads of each process this machine runs the extraction in."""
+        if self.threads is not None:
+            return self.threads
+        return default_threads(self.workers or os.cpu_count() or 1)
 
 
 @dataclass
@@ -168,7 +179,7 @@ def _run_shard_task(job: ShardJob) -> ShardReport:
         progress.flush()
 
 
-def _pool_plugin():
+def _pool_plugin(threads: int | None):
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class ExtractorPoolPlugin(WorkerPlugin):
@@ -177,14 +188,9 @@ def _pool_plugin():
         name = PLUGIN_NAME
 
         def setup(self, worker) -> None:
-            # One core per worker thread: OpenCV's and torch's own thread pools
-            # would otherwise oversubscribe the machine (2 workers x 2 threads
-            # each made HOG 3x slower per video on 2 cores).
-            import cv2
-            import torch
-
-            cv2.setNumThreads(max(1, worker.state.nthreads))
-            torch.set_num_threads(max(1, worker.state.nthreads))
+            # Without a number, one library thread per dask thread: OpenCV's and
+            # torch's own pools would otherwise oversubscribe the machine.
+            configure_process(threads or worker.state.nthreads)
             self.pool = ExtractorPool()
 
         def teardown(self, worker) -> None:
@@ -280,6 +286,7 @@ def run_extraction(
     )
     try:
         if options.workers == 0 and not options.scheduler and options.cluster == "local":
+            configure_process(options.local_threads())
             pool = ExtractorPool()
             try:
                 for job in jobs:
@@ -334,7 +341,8 @@ def _run_on_dask(
         options = dataclasses.replace(options, local_gpus=True)
     with open_client(options) as client:
         _check_gpu_workers(client, needed, jobs[0].extractors)
-        client.register_plugin(_pool_plugin())
+        local = options.cluster == "local" and not options.scheduler
+        client.register_plugin(_pool_plugin(options.local_threads() if local else options.threads))
         client.subscribe_topic(PROGRESS_TOPIC, lambda event: bar.update(event[1]))
         futures = {
             client.submit(_run_shard_task, job, pure=False, resources=needed or None): job for job in jobs

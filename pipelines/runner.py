@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extractors.base import Extractor, Result
+from extractors.base import Extractor, FrameSpec, Result
 from pipelines.datasets import VideoRecord
 from pipelines.decode import VideoSource
 from pipelines.errors import DiskFullError, HallucinateError, is_disk_full
@@ -109,6 +109,17 @@ def dependency_order(extractors: Mapping[str, Extractor]) -> list[str]:
             )
         sorter.add(name, *extractor.needs().inputs)
     return list(sorter.static_order())
+
+
+def frame_samplings(todo: list[str], extractors: Mapping[str, Extractor]) -> tuple[FrameSpec, ...]:
+    """The frame samplings a video's pending extractors may decode: theirs, and
+    those of the dependencies whose transient outputs they make the runner
+    recompute. One decode then serves them all (``VideoSource``)."""
+    names = list(todo)
+    for name in todo:
+        names += [d for d in extractors[name].needs().inputs if extractors[d].transient_outputs()]
+    specs = (extractors[n].needs().frames for n in dict.fromkeys(names))
+    return tuple(dict.fromkeys(s for s in specs if s is not None))
 
 
 def failure_entry(extractor: Extractor, exc: BaseException, attempts: int) -> Entry:
@@ -217,7 +228,7 @@ def _run_video(
             _record_failure(state, report, record, extractors[name], exc, job)
         return
     state.staging.mark_started(vid, starts + 1)
-    video = VideoSource(vid, record.path)
+    video = VideoSource(vid, record.path, frame_samplings(todo, extractors))
     results: dict[str, Result] = {}
 
     def inputs_of(name: str) -> dict[str, Result]:

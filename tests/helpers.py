@@ -10,6 +10,7 @@ process dies (``os._exit``), as if killed in the middle of a shard; in
 
 from __future__ import annotations
 
+import csv
 import errno
 import os
 import uuid
@@ -286,3 +287,9 @@ def save_soundnet(path: Path) -> Path:
     torch.manual_seed(0)
     torch.save(build_soundnet8().state_dict(), path)
     return path
+
+
+def manifest_rows(root: Path) -> list[dict[str, str]]:
+    """The rows of a manifest-CSV dataset (the demo's) under ``root``."""
+    with open(root / "annotations" / "manifest.csv") as fh:
+        return list(csv.DictReader(fh))

@@ -79,6 +79,10 @@ def test_read_clip_gives_the_frames_a_whole_decode_gives(tmp_path, codec, name, 
 def test_short_side_keeps_aspect():
     assert output_size(FrameSpec(short_side=24), 64, 48) == (32, 24)
     assert output_size(FrameSpec(size=(10, 20)), 64, 48) == (10, 20)
+    # An upper bound shrinks larger frames only: 1080p to 456x256, a 64x48 video unchanged.
+    assert output_size(FrameSpec(max_short_side=256), 1920, 1080) == (456, 256)
+    assert output_size(FrameSpec(max_short_side=256), 1080, 1920) == (256, 456)  # portrait
+    assert output_size(FrameSpec(max_short_side=256), 64, 48) == (64, 48)
 
 
 def test_audio_mono_resampled(tmp_path):
@@ -129,6 +133,32 @@ def test_video_source_reuses_decode_and_records_timestamps(tmp_path):
     second = np.concatenate([b.frames for b in src.frames(spec, chunk=5)])
     np.testing.assert_array_equal(first, second)
     assert len(src.timestamps[spec]) == 12
+
+
+def test_one_decode_serves_every_sampling_of_the_run(tmp_path):
+    """The first request decodes once for all the run's samplings; each equals its own decode."""
+    path = tmp_path / "v.mp4"
+    write_video(path, moving_frames(24), 12, None)
+    specs = (FrameSpec(fps=6, max_short_side=24), FrameSpec(fps=4, size=(16, 12)), FrameSpec())
+    alone = {s: np.concatenate([b.frames for b in iter_frames(path, s)]) for s in specs}
+    src = VideoSource("v", str(path), specs)
+    first = np.concatenate([b.frames for b in src.frames(specs[0], chunk=5)])
+    path.unlink()  # the other samplings must come from that one decode
+    np.testing.assert_array_equal(first, alone[specs[0]])
+    for spec in specs[1:]:
+        np.testing.assert_array_equal(np.concatenate([b.frames for b in src.frames(spec)]), alone[spec])
+        assert len(src.timestamps[spec]) == len(alone[spec])
+
+
+def test_a_sampling_over_the_budget_is_decoded_again_not_kept(tmp_path):
+    path = tmp_path / "v.mp4"
+    write_video(path, moving_frames(24), 12, None)
+    small, big = FrameSpec(size=(8, 6)), FrameSpec()
+    src = VideoSource("v", str(path), (small, big), cache_bytes=24 * 8 * 6 * 3 + 100)
+    frames = np.concatenate([b.frames for b in src.frames(small)])
+    assert big not in src._frame_cache and len(src._frame_cache[small]) and len(frames) == 24
+    assert big not in src.timestamps  # dropped mid-decode: recorded when it is decoded
+    assert len(np.concatenate([b.frames for b in src.frames(big)])) == 24
 
 
 def test_video_source_does_not_cache_beyond_budget(tmp_path):

@@ -20,10 +20,13 @@ from extractors.codebooks import (
 )
 from extractors.flow import (
     FLOW_BACKENDS,
+    FlowFrames,
     build_i3d,
     dequantise_flow,
     hofmbh_descriptor,
+    motion_channels,
     quantise_flow,
+    root_normalise,
 )
 from extractors.idt import IDTConfig, camera_flow, dense_trajectories, estimate_homography
 from pipelines.cli import main
@@ -31,6 +34,7 @@ from pipelines.decode import VideoSource
 from pipelines.encode import write_video
 from pipelines.errors import ConfigError, MissingWeightsError
 from pipelines.store import ShardReader
+from tests.helpers import manifest_rows
 
 # ---------------------------------------------------------------- synthetic videos
 
@@ -131,6 +135,50 @@ def test_a_new_dependent_recomputes_transient_flow(tiny_demo_root, tmp_path):
         assert "flow" not in reader.arrays(vid, "flow")
 
 
+def test_flow_frames_spill_to_disk_and_read_back_the_same_fields():
+    rng = np.random.default_rng(1)
+    fields = rng.normal(0, 3, (11, 6, 8, 2)).astype(np.float32)
+    kept, spilled = FlowFrames(), FlowFrames(memory_bytes=3 * 6 * 8 * 2 * 4)
+    for start in range(0, 11, 4):
+        kept.append(fields[start : start + 4])
+        spilled.append(fields[start : start + 4])
+    assert not kept.spilled and spilled.spilled
+    for flow in (kept, spilled):
+        assert flow.shape == (11, 6, 8, 2) and len(flow) == 11
+        np.testing.assert_array_equal(flow[3], fields[3])
+        np.testing.assert_array_equal(flow[-1], fields[-1])
+        np.testing.assert_array_equal(flow[2:9], fields[2:9])
+        np.testing.assert_array_equal(np.asarray(flow), fields)
+        with pytest.raises(IndexError):
+            flow[11]
+    np.testing.assert_array_equal(hofmbh_descriptor(spilled, [3, 3, 3]), hofmbh_descriptor(fields, [3, 3, 3]))
+    spilled.close()
+
+
+def test_flow_spilled_to_disk_gives_the_descriptors_kept_in_memory(tiny_demo_root, monkeypatch):
+    """A long video's flow moves to a file; OFF and SDF read it there and get the same numbers."""
+    import extractors.flow as flow_module
+
+    row = manifest_rows(tiny_demo_root / "demo")[0]
+    names = ["off.hofmbh", "sdf.flow"]
+    extractors = {n: create_extractor(n) for n in ["flow", *names]}
+    for ex in extractors.values():
+        ex.setup()
+
+    def run():
+        video = VideoSource(row["video_id"], str(tiny_demo_root / "demo" / row["path"]))
+        flow = extractors["flow"].process(video, {})
+        out = {n: extractors[n].process(video, {"flow": flow}).arrays["descriptor"] for n in names}
+        return flow.transient["flow"], out
+
+    kept, in_memory = run()
+    monkeypatch.setattr(flow_module, "FLOW_IN_MEMORY", 2 * kept[0].nbytes)
+    spilled, on_disk = run()
+    assert not kept.spilled and spilled.spilled
+    for name in names:
+        np.testing.assert_array_equal(in_memory[name], on_disk[name])
+
+
 def test_hofmbh_mbh_ignores_uniform_motion():
     flow = np.zeros((6, 30, 30, 2), np.float32)
     flow[..., 0] = 3.0  # everything moves right: a camera pan
@@ -138,6 +186,27 @@ def test_hofmbh_mbh_ignores_uniform_motion():
     hof, mbh = d[:, :9], d[:, 9:]
     assert np.allclose(mbh, 0)  # no relative motion at all
     assert np.allclose(hof[:, 0], 1.0)  # RootSIFT of a one-bin histogram: the 0-rad bin
+
+
+def test_hofmbh_grid_histograms_equal_the_channels_summed_per_cell():
+    """The bincount form must give what summing ``motion_channels`` over each cell gives."""
+    rng = np.random.default_rng(0)
+    flow = rng.normal(0, 2, (5, 37, 53, 2)).astype(np.float32)
+    flow[:, :10] *= 0.05  # a still band, for HOF's "no motion" bin
+    gx, gy, gt = 3, 2, 2
+    n, h, w = flow.shape[:3]
+    ys = np.minimum(np.arange(h) * gy // h, gy - 1)
+    xs = np.minimum(np.arange(w) * gx // w, gx - 1)
+    hist = np.zeros((gt, gy * gx, 25))
+    for t in range(n):
+        channels = motion_channels(flow[t]).astype(np.float64)
+        for cy in range(gy):
+            for cx in range(gx):
+                block = channels[np.ix_(ys == cy, xs == cx)]
+                hist[min(t * gt // n, gt - 1), cy * gx + cx] += block.sum((0, 1))
+    split = np.cumsum([9, 8])
+    expected = np.concatenate([root_normalise(b) for b in np.split(hist, split, axis=-1)], -1).reshape(-1)
+    np.testing.assert_allclose(hofmbh_descriptor(flow, [gx, gy, gt]), expected, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- OFF: I3D

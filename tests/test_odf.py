@@ -1,6 +1,5 @@
 """ODF: multi-moment pooling against the formula, detectors against the demo's boxes, re-pooling."""
 
-import csv
 import json
 
 import numpy as np
@@ -11,9 +10,10 @@ from extractors.detectors import LABEL_RANGES, LABEL_SLOTS, box_iou
 from extractors.encoders import fix_signs, multi_moment_pool, rbf_embed
 from extractors.odf import box_vector_dim, box_vectors, odf_descriptor
 from pipelines.cli import main
-from pipelines.decode import VideoSource
+from pipelines.decode import VideoSource, probe
 from pipelines.errors import ConfigError, MissingWeightsError
 from pipelines.store import ShardReader
+from tests.helpers import manifest_rows
 
 # ---------------------------------------------------------------- formulas
 
@@ -101,11 +101,6 @@ def test_empty_video_gets_a_zero_descriptor():
 # ---------------------------------------------------------------- detectors on the demo
 
 
-def manifest_rows(root):
-    with open(root / "annotations" / "manifest.csv") as fh:
-        return list(csv.DictReader(fh))
-
-
 def _iou(a, b):
     return float(box_iou(np.asarray(a, np.float64)[None], np.asarray(b, np.float64)[None])[0, 0])
 
@@ -120,17 +115,21 @@ def test_moving_object_boxes_overlap_the_generated_ground_truth(tiny_demo_root):
         truth = json.loads((root / "annotations" / "boxes" / f"{row['video_id']}.json").read_text())
         if truth["nuisance"]["pan"]:  # the detector assumes a static camera
             continue
-        result = ex.process(VideoSource(row["video_id"], str(root / row["path"])), {})
+        video = VideoSource(row["video_id"], str(root / row["path"]))
+        result = ex.process(video, {})
         scale = np.array([truth["width"], truth["height"]] * 2)
         boxes = result.arrays["boxes"]
         assert result.arrays["crops"].shape == (len(boxes), ex.crop_features.dim)
-        for f, objects in enumerate(truth["frames"]):
-            found = [b[3:] * scale for b in boxes if b[0] == f]
+        # Detection samples at most 5 frames/s: sampled frame k is native frame round(t_k * fps).
+        rate = probe(video.path).fps
+        for k, t in enumerate(video.timestamps[ex.needs().frames]):
+            objects = truth["frames"][round(t * rate)]
+            found = [b[3:] * scale for b in boxes if b[0] == k]
             main_box = next(o["box"] for o in objects if o["role"] == "main")
             best.append(max((_iou(main_box, d) for d in found), default=0.0))
             on_object += [max(_iou(o["box"], d) for o in objects) for d in found]
     best, on_object = np.array(best), np.array(on_object)
-    assert len(best) > 200
+    assert len(best) > 80
     assert (best > 0.3).mean() > 0.5, f"main object found (IoU>0.3) in {(best > 0.3).mean():.0%} of frames"
     assert (on_object > 0.3).mean() > 0.7, f"only {(on_object > 0.3).mean():.0%} of boxes are on objects"
 
@@ -148,7 +147,8 @@ def test_odf_result_provenance_and_ranges(tiny_demo_root):
     assert np.bincount(boxes[:, 0].astype(int)).max() <= 20
     assert json.loads(result.attrs["label_ranges"])["coco"] == [0, 91]
     assert result.attrs["label_range"] == "moving_object"
-    assert result.attrs["crop_features"] == "appearance" and result.attrs["frames"] == 32
+    assert result.attrs["crop_features"] == "appearance"
+    assert result.attrs["frames"] == 13  # 32 frames at 12 frames/s (2.58 s) sampled every 0.2 s
     # SigmE output: bounded by 1 in magnitude.
     assert np.abs(result.arrays["descriptor"]).max() <= 1
 
