@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import build_config
+from pipelines.datasets import split_counts
 from pipelines.device import pick_device
 from pipelines.errors import ConfigError, HallucinateError
 
@@ -266,6 +267,7 @@ def cmd_extract(cfg: ExtractConfig) -> int:
         f"{dataset.name} into {out}",
         file=sys.stderr,
     )
+    print(split_counts(dataset.classes, records), file=sys.stderr)
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads={cfg.threads}: give at least 1, or leave it unset (cores / workers)")
     options = ClusterOptions(cfg.workers, cfg.scheduler, cfg.cluster, dict(cfg.jobqueue), threads=cfg.threads)
@@ -544,6 +546,7 @@ def cmd_train(cfg: TrainConfig) -> int:
     except ValueError as err:
         raise ConfigError(f"schedule={cfg.schedule} precision={cfg.precision}: {err}") from err
     dataset = _load_dataset(cfg)
+    print(split_counts(dataset.classes, dataset.records), file=sys.stderr)
     store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
     wanted = None if cfg.streams == ["auto"] else cfg.streams
     train_ids = [r.video_id for r in dataset.split("train")]

@@ -12,11 +12,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipelines.config import build_config
 from pipelines.errors import ConfigError, DatasetError
@@ -42,8 +43,10 @@ class DatasetDef:
     num_classes: int | None = None
     split_number: int = 1  # the official split for UCF101 / HMDB51 (1..3)
     generator: str | None = None  # "module:function" that makes the dataset when missing (the demo)
-    val_fraction: float = 0.2  # folder format: share of videos held out per split
+    val_fraction: float = 0.2  # folder format: share of each class held out per split
     test_fraction: float = 0.2
+    split_seed: int = 0  # folder format: the seed of the stratified draw
+    splits: str | None = None  # folder format: a CSV (path,split) that fixes every video's split
 
 
 @dataclass(frozen=True)
@@ -313,18 +316,113 @@ def parse_manifest(defn: DatasetDef, paths: DatasetPaths):
 
 @FORMATS.register("folder")
 def parse_folder(defn: DatasetDef, paths: DatasetPaths):
-    """Users' own data: ``videos/<class>/<video>``; splits drawn by a stable hash of the id."""
+    """Users' own data: ``videos/<class>/<video>``, split as ``splits`` says or stratified.
+
+    Stratified, because a hash of file names (the rule before 2026-12)
+    gave one class of a real 283-clip set 3 validation clips, and its
+    best-epoch choice was noise: each class now sends its own share to val
+    and test (at least one each from 3 videos up), drawn with
+    ``split_seed``. A ``splits`` CSV fixes them instead (a published split,
+    or one kept across runs).
+    """
     classes = sorted(p.name for p in paths.videos.iterdir() if p.is_dir())
+    videos = {
+        cls: [v for v in sorted((paths.videos / cls).iterdir()) if v.suffix.lower() in VIDEO_EXTENSIONS]
+        for cls in classes
+    }
+    fixed = _split_file(defn, paths, videos) if defn.splits else None
+    rng = np.random.default_rng(defn.split_seed)
     records = []
     for i, cls in enumerate(classes):
-        for video in sorted((paths.videos / cls).iterdir()):
-            if video.suffix.lower() not in VIDEO_EXTENSIONS:
-                continue
-            draw = (zlib.crc32(video.stem.encode()) % 10_000) / 10_000
-            split = (
-                "test"
-                if draw < defn.test_fraction
-                else ("val" if draw < defn.test_fraction + defn.val_fraction else "train")
-            )
-            records.append(VideoRecord(video.stem, str(video), (i,), split))
+        if fixed is not None:
+            splits = [fixed[v] for v in videos[cls]]
+        else:
+            splits = _stratum(len(videos[cls]), defn.val_fraction, defn.test_fraction, rng)
+        records += [
+            VideoRecord(v.stem, str(v), (i,), split) for v, split in zip(videos[cls], splits, strict=True)
+        ]
     return classes, records
+
+
+def _stratum(n: int, val: float, test: float, rng: np.random.Generator) -> list[str]:
+    """Splits of one class's ``n`` videos, in a seeded random order: round(n·share) each,
+    and at least one val and one test video once there are three."""
+
+    def count(share: float) -> int:
+        return max(round(n * share), 1 if share > 0 and n >= 3 else 0)
+
+    n_test, n_val = count(test), count(val)
+    n_val = min(n_val, max(n - n_test - 1, 0))
+    labels = ["test"] * n_test + ["val"] * n_val
+    labels += ["train"] * (n - len(labels))
+    return [labels[k] for k in rng.permutation(n)]
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _split_file(defn: DatasetDef, paths: DatasetPaths, videos: dict[str, list[Path]]) -> dict[Path, str]:
+    """Each video's split from ``defn.splits`` (columns path,split; a path relative to the
+    video folder, the dataset root, or absolute). Every video must be listed, and every
+    listed path must exist: a split that silently drops or invents videos is worse than none."""
+    file = Path(defn.splits)
+    if not file.is_absolute():
+        file = paths.root / file
+    if not file.is_file():
+        raise DatasetError(f"dataset {defn.name!r}: splits file {file} not found (splits: path,split)")
+    rows = _read_csv(file)
+    if rows and not {"path", "split"} <= set(rows[0]):
+        raise DatasetError(f"{file}: needs the columns path,split; it has {', '.join(rows[0])}")
+    fixed: dict[Path, str] = {}
+    for row in rows:
+        given = Path(row["path"])
+        split = _normalise_split(row["split"])
+        if split not in SPLIT_NAMES:
+            raise DatasetError(f"{file}: split {row['split']!r} of {given} is not train, val or test")
+        candidates = [given] if given.is_absolute() else [paths.videos / given, paths.root / given]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise DatasetError(f"{file}: {given} is not a file under {paths.videos} or {paths.root}")
+        fixed[found.resolve()] = split
+    listed = {v: fixed.get(v.resolve()) for vs in videos.values() for v in vs}
+    missing = [str(v.relative_to(paths.videos)) for v, split in listed.items() if split is None]
+    if missing:
+        raise DatasetError(
+            f"{file} gives no split for {len(missing)} video(s) under {paths.videos}, e.g. "
+            f"{', '.join(missing[:3])}: add a row for each, or move them out of the folder"
+        )
+    return {v: split for v, split in listed.items()}
+
+
+def split_counts(classes: list[str], records: list[VideoRecord]) -> str:
+    """A class x split table of ``records``, and a warning line for each class that a
+    held-out split lacks. Printed by extract and train before any work, since a split
+    with no video of a class makes the validation accuracy (and so the best epoch)
+    blind to it. Past 20 classes, only the spread per split is shown."""
+    splits = [s for s in (*SPLIT_NAMES, *sorted({r.split for r in records} - set(SPLIT_NAMES)))]
+    table = {s: [0] * len(classes) for s in splits}
+    for r in records:
+        for label in r.labels:
+            table[r.split][label] += 1
+    present = [s for s in splits if sum(table[s])]
+    if len(classes) <= 20:
+        width = max(12, *(len(c) + 2 for c in classes))
+        lines = [f"{'class':<{width}}" + "".join(f"{s:>8}" for s in present)]
+        lines += [
+            f"{c:<{width}}" + "".join(f"{table[s][i]:>8}" for s in present) for i, c in enumerate(classes)
+        ]
+    else:
+        lines = [f"{'split':<8}{'videos':>8}{'classes':>9}{'min/class':>11}{'max/class':>11}"]
+        for s in present:
+            counts = table[s]
+            lines.append(
+                f"{s:<8}{sum(counts):>8}{sum(1 for c in counts if c):>9}{min(counts):>11}{max(counts):>11}"
+            )
+    for s in present:
+        if s != "train" and 0 in table[s]:
+            empty = [c for c, n in zip(classes, table[s], strict=True) if not n]
+            lines.append(
+                f"warning: {s} has no video of {len(empty)} class(es): {', '.join(empty[:5])}"
+                + (" ..." if len(empty) > 5 else "")
+            )
+    return "\n".join(lines)

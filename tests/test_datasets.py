@@ -1,13 +1,17 @@
+import dataclasses
 import json
+from collections import Counter
 
 import pytest
 
 from pipelines.datasets import (
     DatasetDef,
+    VideoRecord,
     known_datasets,
     load_dataset,
     load_definition,
     resolve_paths,
+    split_counts,
 )
 from pipelines.errors import ConfigError, DatasetError
 
@@ -170,17 +174,66 @@ def test_charades_multilabel(tmp_path):
     assert ds.records[0].labels == (0, 2) and ds.records[1].labels == ()
 
 
-def test_folder_layout_is_stable(tmp_path):
-    defn, paths = _defn(tmp_path, format="folder")
-    for cls in ("jump", "run"):
+def _folder(tmp_path, sizes: dict[str, int], **kw):
+    defn, paths = _defn(tmp_path, format="folder", **kw)
+    for cls, n in sizes.items():
         (paths.videos / cls).mkdir()
-        for i in range(20):
+        for i in range(n):
             (paths.videos / cls / f"{cls}{i}.mp4").touch()
+    return defn, paths
+
+
+def test_folder_layout_is_stable(tmp_path):
+    defn, paths = _folder(tmp_path, {"jump": 20, "run": 20})
     (paths.videos / "run" / "notes.txt").touch()
     first = load_dataset(defn, paths)
     assert first.classes == ["jump", "run"] and len(first.records) == 40
     assert {r.split for r in first.records} == {"train", "val", "test"}
     assert first.records == load_dataset(defn, paths).records
+
+
+def test_folder_splits_are_stratified_and_seeded(tmp_path):
+    """Every class sends its share to val and test; the seed changes which videos, not how many."""
+    defn, paths = _folder(tmp_path, {"a": 10, "b": 25, "c": 3})
+    records = load_dataset(defn, paths).records
+    counts = Counter((r.labels[0], r.split) for r in records)
+    assert [counts[(0, s)] for s in ("train", "val", "test")] == [6, 2, 2]
+    assert [counts[(1, s)] for s in ("train", "val", "test")] == [15, 5, 5]
+    assert [counts[(2, s)] for s in ("train", "val", "test")] == [1, 1, 1]  # one each from 3 videos
+    reseeded = load_dataset(dataclasses.replace(defn, split_seed=1), paths).records
+    assert Counter((r.labels[0], r.split) for r in reseeded) == counts
+    assert [r.split for r in reseeded] != [r.split for r in records]
+
+
+def test_a_splits_file_fixes_every_video(tmp_path):
+    defn, paths = _folder(tmp_path, {"a": 2, "b": 2}, splits="splits.csv")
+    (paths.root / "splits.csv").write_text("path,split\na/a0.mp4,train\na/a1.mp4,validation\nb/b0.mp4,test\n")
+    with pytest.raises(DatasetError, match="no split for 1 video.*b1.mp4"):
+        load_dataset(defn, paths)
+    with (paths.root / "splits.csv").open("a") as fh:
+        fh.write(f"{paths.videos / 'b' / 'b1.mp4'},train\n")  # absolute paths work too
+    splits = {r.video_id: r.split for r in load_dataset(defn, paths).records}
+    assert splits == {"a0": "train", "a1": "val", "b0": "test", "b1": "train"}
+    (paths.root / "splits.csv").write_text("path,split\na/a0.mp4,train\na/zz.mp4,test\n")
+    with pytest.raises(DatasetError, match="zz.mp4 is not a file"):
+        load_dataset(defn, paths)
+    (paths.root / "splits.csv").write_text("path,split\na/a0.mp4,holdout\n")
+    with pytest.raises(DatasetError, match="holdout"):
+        load_dataset(defn, paths)
+
+
+def test_split_counts_table_and_missing_class_warning(tmp_path):
+    defn, paths = _folder(tmp_path, {"a": 10, "b": 2})
+    ds = load_dataset(defn, paths)
+    text = split_counts(ds.classes, ds.records)
+    lines = text.splitlines()
+    assert lines[0].split() == ["class", "train", "val", "test"]
+    assert lines[1].split() == ["a", "6", "2", "2"]
+    assert "warning: val has no video of 1 class(es): b" in text
+    many = [VideoRecord(f"v{i}", "x", (i % 30,), "train" if i < 60 else "val") for i in range(90)]
+    wide = split_counts([f"c{i}" for i in range(30)], many).splitlines()
+    assert wide[0].split() == ["split", "videos", "classes", "min/class", "max/class"]
+    assert wide[1].split() == ["train", "60", "30", "2", "2"]
 
 
 def test_num_classes_mismatch_is_reported(tmp_path):
