@@ -13,8 +13,8 @@ the target describes what the network sees rather than the whole video.
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,14 @@ class GroundTruthScan:
     # memorise: the masks keep absent ground truth from training it, but not from
     # leaving it nearly untrained.
     coverage: dict[str, int]
+    # Extractor -> why the other videos have none: a flag's name (no_audio) or the
+    # status (failed) -> how many. What names a stream that no video has ground truth
+    # for, which would otherwise just not be there (no audio anywhere).
+    absent: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+
+    def without_ground_truth(self) -> dict[str, Counter]:
+        """Extractors in the store with ground truth on none of the videos, and why."""
+        return {name: reasons for name, reasons in self.absent.items() if not self.coverage.get(name)}
 
 
 def scan_ground_truth(store: str | Path, video_ids: list[str]) -> GroundTruthScan:
@@ -65,7 +73,10 @@ def scan_ground_truth(store: str | Path, video_ids: list[str]) -> GroundTruthSca
     for shard in sorted({where[v] for v in ids if v in where}):
         entries, _ = read_shard(shard_path(store, shard))
         for (vid, extractor), entry in entries.items():
-            if vid not in ids or entry.status != DONE or entry.flags:
+            if vid not in ids:
+                continue
+            if entry.status != DONE or entry.flags:
+                scan.absent[extractor].update(list(entry.flags) or [entry.status])
                 continue
             scan.coverage[extractor] += 1
             scan.hashes[extractor].add(f"v{entry.attrs.get('version')}:{entry.config_hash}")
@@ -213,6 +224,9 @@ class ClipDataset(Dataset):
         # a run; a test or validation set is never changed behind the user's back, so
         # there the error stands.
         self.unreadable: dict[str, str] = {}
+        # Preloaded videos with fewer than spec.frames frames, whose clips loop (see _clip);
+        # None when streamed, where the trainer counts the looped clips as they come.
+        self.short_videos: int | None = None
         if preload and not spec.features:
             bar = tqdm(self.records, desc="decode", unit="video", disable=not progress)
             decoded = {}
@@ -225,6 +239,7 @@ class ClipDataset(Dataset):
                     self.unreadable[record.video_id] = str(err)
             self.records = [r for r in self.records if r.video_id in decoded]
             self.frames = [decoded[r.video_id] for r in self.records]
+            self.short_videos = sum(len(frames) < spec.frames for frames, _ in self.frames)
             if not self.records:
                 raise DatasetError(f"no video of this split can be decoded: {self.first_unreadable()}")
 
@@ -256,12 +271,19 @@ class ClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _clip(self, frames: np.ndarray, times: np.ndarray) -> tuple[torch.Tensor, tuple[float, float]]:
-        """A clip and the time span (first, last frame, seconds) it covers."""
+    def _clip(self, frames: np.ndarray, times: np.ndarray) -> tuple[torch.Tensor, tuple[float, float], bool]:
+        """A clip, the time span (first, last frame, seconds) it covers, and whether it looped.
+
+        A video with fewer than T frames at the sampled rate is looped: the
+        clip starts again from its first frame after the last, as
+        MMAction2's SampleFrames does with ``out_of_bound_opt="loop"``.
+        The motion jumps at each wrap, so the trainer counts such clips
+        (``looped`` in each item) and says how many there were.
+        """
         t, s = self.spec.frames, self.spec.size
         n, h, w = frames.shape[:3]
         start = self._start(n)
-        idx = (start + np.arange(t)) % n  # loop short videos
+        idx = (start + np.arange(t)) % n
         span = (float(times[idx].min()), float(times[idx].max()))
         y0, x0 = (
             (self.rng.integers(0, h - s + 1), self.rng.integers(0, w - s + 1))
@@ -272,7 +294,7 @@ class ClipDataset(Dataset):
         if self.train and self.rng.random() < 0.5:
             clip = clip[:, :, ::-1]
         clip = torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2).float()
-        return clip / 127.5 - 1.0, span
+        return clip / 127.5 - 1.0, span, n < t
 
     def label(self, record: VideoRecord) -> torch.Tensor:
         if self.multilabel:
@@ -326,7 +348,7 @@ class ClipDataset(Dataset):
                 gt[stream.name] = torch.zeros(stream.dim)
         return gt, mask
 
-    def _streamed(self, i: int) -> tuple[VideoRecord, tuple[torch.Tensor, tuple[float, float]]]:
+    def _streamed(self, i: int) -> tuple[VideoRecord, tuple[torch.Tensor, tuple[float, float], bool]]:
         """Item ``i``'s record and clip, read from disk. A training video that turns
         out bad mid-epoch is named, and the next readable one is used in its place
         rather than losing the epoch."""
@@ -348,14 +370,21 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
-        span = None
+        span, looped = None, False
         if self.spec.features:  # X_rgb of a frozen backbone: one stored clip, random when training
             x_rgb = self.reader.get(record.video_id, self.spec.features)
             k = self.rng.integers(len(x_rgb)) if self.train else len(x_rgb) // 2
             clip = torch.from_numpy(np.ascontiguousarray(x_rgb[k], dtype=np.float32))
         elif self.frames is not None:
-            clip, span = self._clip(*self.frames[i])
+            clip, span, looped = self._clip(*self.frames[i])
         else:
-            record, (clip, span) = self._streamed(i)
+            record, (clip, span, looped) = self._streamed(i)
         gt, mask = self.ground_truth(record, span if self.streams else None)
-        return {"clip": clip, "label": self.label(record), "gt": gt, "mask": mask, "index": i}
+        return {
+            "clip": clip,
+            "label": self.label(record),
+            "gt": gt,
+            "mask": mask,
+            "index": i,
+            "looped": looped,
+        }

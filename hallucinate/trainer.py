@@ -342,7 +342,7 @@ class Trainer:
             self.model.train()
             if self.hal_loss is not None:
                 self.hal_loss.train()
-            t0, hal_sum, cls_sum, n = time.perf_counter(), 0.0, 0.0, 0
+            t0, hal_sum, cls_sum, n, looped = time.perf_counter(), 0.0, 0.0, 0, 0
             bar = tqdm(
                 train,
                 desc=f"epoch {epoch + 1}/{self.schedule.epochs}",
@@ -351,6 +351,7 @@ class Trainer:
                 unit="batch",
             )
             for batch in bar:
+                looped += int(batch["looped"].sum()) if "looped" in batch else 0
                 batch = to_device(batch, self.device)
                 hal, cls = self.train_step(batch)
                 if not (math.isfinite(hal) and math.isfinite(cls)):
@@ -366,6 +367,7 @@ class Trainer:
                 "train_hal_loss": hal_sum / max(n, 1),
                 "lr": self.schedulers["cls"].get_last_lr()[0],
                 "seconds": time.perf_counter() - t0,
+                "looped_clips": looped,
             }
             if val is not None:
                 if hasattr(self.model.fuse, "beta") and self.epoch >= self.schedule.beta_warmup:
@@ -389,6 +391,12 @@ class Trainer:
                 f"epoch {self.epoch}: cls {row['train_cls_loss']:.3f} hal {row['train_hal_loss']:.3f} "
                 + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("val_"))
             )
+            if looped and epoch == 0:
+                self.log(
+                    f"note: {looped} training clip(s) of epoch 1 came from videos shorter than the clip "
+                    "at the sampled rate, so they loop (the clip restarts at the video's first frame); "
+                    "metrics.jsonl counts them per epoch (looped_clips)"
+                )
         if self._writer is not None:
             self._writer.close()
         return history

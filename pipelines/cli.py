@@ -436,6 +436,12 @@ def _splits(
         )
 
     train = make(parts["train"], True)
+    if train.short_videos:
+        print(
+            f"note: {train.short_videos} of {len(train)} training videos have fewer than {clip.frames} "
+            "frames at the sampled rate, so their clips loop (restart at the first frame)",
+            file=sys.stderr,
+        )
     if train.unreadable:
         print(
             f"warning: left {len(train.unreadable)} training video(s) that cannot be decoded out of "
@@ -560,6 +566,20 @@ def cmd_train(cfg: TrainConfig) -> int:
     else:
         keep = wanted is not None
         streams = _without_sparse_streams(streams, scan.coverage, len(train_ids), cfg.min_coverage, keep)
+    for extractor, reasons in (scan.without_ground_truth() if scan is not None else {}).items():
+        why = ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common())
+        print(
+            f"warning: {extractor} gives no stream: none of the {len(train_ids)} training videos has "
+            f"ground truth for it ({why}). `hallucinate inspect` shows the flags' reasons.",
+            file=sys.stderr,
+        )
+    if cfg.fusion == "weighted_mean" and streams and cfg.epochs <= cfg.beta_warmup:
+        print(
+            f"warning: fusion=weighted_mean keeps equal weights (beta 0) for the whole run: beta is "
+            f"searched only after beta_warmup={cfg.beta_warmup} epochs, and epochs={cfg.epochs}. "
+            "Set beta_warmup below epochs for Eq. 22's weighting.",
+            file=sys.stderr,
+        )
     clip = ClipSpec(cfg.frames, cfg.size, cfg.short_side, cfg.fps, cfg.rgb_features)
     parts = _split_records(dataset)
     preload = _preload(cfg.preload, parts, clip)

@@ -299,7 +299,7 @@ def test_train_names_and_can_leave_out_streams_with_ground_truth_on_few_videos(
     defn = load_definition("demo")
     ids = [r.video_id for r in load_dataset(defn, resolve_paths(defn, tiny_demo_root)).split("train")]
     store = tmp_path / "store"
-    write_store(store, ids, {"dense.x": len(ids), "sparse.x": 1})
+    write_store(store, ids, {"dense.x": len(ids), "sparse.x": 1, "absent.x": 0})
     train = ["train", f"data_root={tiny_demo_root}", f"features={store}", "epochs=1", "frames=8", "size=32"]
     train += ["short_side=36", "hidden=32", "d=16", "backbone_options.width=4", "progress=false"]
     train += ["baseline=false", "export=false"]
@@ -316,6 +316,12 @@ def test_train_names_and_can_leave_out_streams_with_ground_truth_on_few_videos(
     assert f"sparse.x/descriptor has ground truth on 1 of {len(ids)} training videos" in err
     assert "training it anyway (min_coverage=0.1 would leave it out)" in err
     assert "dense.x/descriptor has" not in err
+    # Flagged on every video (no audio anywhere): named, with the flags' count, not silently absent.
+    assert f"absent.x gives no stream: none of the {len(ids)} training videos" in err
+    assert f"(no_boxes: {len(ids)})" in err
+    assert "keeps equal weights" not in err
+    _, err = trained_streams("fusion=weighted_mean")  # epochs=1, beta_warmup=10: beta is never searched
+    assert "fusion=weighted_mean keeps equal weights (beta 0) for the whole run" in err
     streams, err = trained_streams("min_coverage=0.1")
     assert streams == ["dense.x/descriptor"]
     assert "sparse.x/descriptor has ground truth on 1" in err and "leaving it out" in err

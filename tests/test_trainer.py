@@ -884,3 +884,18 @@ def test_a_checkpoint_with_one_module_per_head_loads_into_the_stacked_heads(tmp_
     clip = batch(3)["clip"]
     with torch.no_grad():
         torch.testing.assert_close(fresh(clip), model(clip))
+
+
+def test_clips_of_videos_shorter_than_the_clip_loop_and_are_counted(tiny_demo_root):
+    """The tiny demo's clips have 32 frames: a 40-frame clip loops, and says so."""
+    from pipelines.datasets import load_dataset, load_definition, resolve_paths
+
+    defn = load_definition("demo")
+    records = load_dataset(defn, resolve_paths(defn, tiny_demo_root)).split("train")[:3]
+    data = ClipDataset(records, 6, ClipSpec(frames=40, size=32, short_side=36), train=False, preload=True)
+    assert data.short_videos == 3
+    item = data[0]
+    assert item["looped"] and item["clip"].shape[1] == 40
+    assert torch.equal(item["clip"][:, 32], item["clip"][:, 0])  # the wrap: frame 32 is frame 0 again
+    short = ClipDataset(records, 6, ClipSpec(frames=8, size=32, short_side=36), train=False, preload=True)
+    assert short.short_videos == 0 and not short[0]["looped"]
