@@ -25,6 +25,7 @@ from pipelines.config import build_config
 from pipelines.datasets import split_counts
 from pipelines.device import pick_device
 from pipelines.errors import ConfigError, HallucinateError
+from pipelines.process import configure_process
 
 
 @dataclass
@@ -157,6 +158,9 @@ class TrainConfig(RunLocation):
     device: str = "auto"
     # DataLoader workers; None: none when the videos are preloaded, else min(8, cores)
     workers: int | None = None
+    # torch's (and OpenCV's) threads in this process; None: the cores the DataLoader
+    # workers leave free (all of them when preloaded). Fewer help on a busy machine.
+    threads: int | None = None
     # Decode every video once into memory. None (auto): when the decoded videos fit in a
     # quarter of the free memory (the demo's do), else stream them from disk.
     preload: bool | None = None
@@ -182,6 +186,7 @@ class EvaluateConfig(RunLocation):
     batch_size: int = 32
     device: str = "auto"
     preload: bool | None = None  # as for train: None decides from the free memory
+    threads: int | None = None  # torch's threads; None: every core
     progress: bool = True  # the decode bar of the preloaded splits
 
 
@@ -526,6 +531,8 @@ def cmd_train(cfg: TrainConfig) -> int:
     from hallucinate.trainer import Schedule, build_hallucination_loss
 
     cfg = with_backbone_defaults(cfg)
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads={cfg.threads}: give at least 1, or leave it unset")
     unknown = [f for f in cfg.export_formats if f not in EXPORTERS]
     if unknown:
         raise ConfigError(f"export_formats: unknown {unknown}; use {', '.join(EXPORTERS)}")
@@ -584,7 +591,9 @@ def cmd_train(cfg: TrainConfig) -> int:
     parts = _split_records(dataset)
     preload = _preload(cfg.preload, parts, clip)
     workers = cfg.workers if cfg.workers is not None else 0 if preload else min(8, os.cpu_count() or 1)
-    cfg = dataclasses.replace(cfg, preload=preload, workers=workers)
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) - workers)
+    cfg = dataclasses.replace(cfg, preload=preload, workers=workers, threads=threads)
+    configure_process(threads)
     backbone, backbone_options = cfg.backbone, dict(cfg.backbone_options)
     if cfg.rgb_features:
         backbone, backbone_options = "precomputed", _stored_x_rgb_shape(store, dataset, cfg.rgb_features)
@@ -681,6 +690,7 @@ def cmd_evaluate(cfg: EvaluateConfig) -> int:
     from hallucinate.model import StreamSpec
     from hallucinate.run import checkpoint_config, evaluate_run
 
+    configure_process(cfg.threads or os.cpu_count() or 1)
     location = trained_location(cfg)
     run = Path(location.run)
     best = run / "model" / "best.pt"

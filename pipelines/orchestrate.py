@@ -59,7 +59,8 @@ class ClusterOptions:
         """Library threads of each process this machine runs the extraction in."""
         if self.threads is not None:
             return self.threads
-        return default_threads(self.workers or os.cpu_count() or 1)
+        processes = 1 if self.workers == 0 else self.workers or os.cpu_count() or 1
+        return default_threads(processes)
 
 
 @dataclass

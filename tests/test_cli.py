@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from pipelines.cli import main
@@ -191,6 +193,7 @@ def test_train_and_evaluate_end_to_end(tiny_demo_root, tmp_path, capsys):
     assert "preload=auto: holding the videos' frames in memory" in trained.err
     saved = json.loads((run / "config.json").read_text())  # resolved: no None left
     assert (saved["batch_size"], saved["lr"], saved["preload"], saved["workers"]) == (8, 1e-3, True, 0)
+    assert saved["threads"] == (os.cpu_count() or 1)  # no loader workers: every core
     for name in ("model", "baseline"):
         assert (run / name / "best.pt").is_file() and (run / name / "last.pt").is_file()
         assert len((run / name / "metrics.jsonl").read_text().splitlines()) == 2
@@ -384,3 +387,25 @@ def test_the_report_columns_stay_aligned_for_long_stream_names():
     quality_rows = lines[lines.index(next(line for line in lines if line.startswith("stream quality"))) :][:3]
     for table in (drop, quality_rows):
         assert len({len(line) for line in table}) == 1, table
+
+
+def test_threads_default_to_the_cores_each_process_may_use(tiny_demo_root, tmp_path):
+    """Extraction: cores / workers per worker, or threads=; the in-process path applies it."""
+    import torch
+
+    from pipelines.process import default_threads, keep_freed_memory
+
+    cores = os.cpu_count() or 1
+    assert ClusterOptions(workers=2).local_threads() == max(1, cores // 2)
+    assert ClusterOptions(workers=0).local_threads() == cores
+    assert ClusterOptions(workers=8, threads=3).local_threads() == 3
+    assert default_threads(4 * cores) == 1  # never zero
+    assert keep_freed_memory()  # glibc here
+    before = torch.get_num_threads()
+    try:
+        args = [f"data_root={tiny_demo_root}", f"out={tmp_path}", "limit=1", "workers=0", "progress=false"]
+        assert main(["extract", "extractors=audio.logmel", "threads=1", *args]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["extract", "threads=0", *args]) == 2
+    finally:
+        torch.set_num_threads(before)
