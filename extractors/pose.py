@@ -49,6 +49,7 @@ from extractors.registry import build_backend, register
 from pipelines.config import to_plain
 from pipelines.device import pick_device
 from pipelines.errors import ConfigError, MissingWeightsError
+from pipelines.process import native_stderr_to_log
 from pipelines.registry import Registry
 from pipelines.weights import file_sha256
 
@@ -205,19 +206,29 @@ class MediaPipePose(PoseBackend):
         if self.config.model_complexity not in (0, 1, 2):
             raise ConfigError("pose backend mediapipe: model_complexity must be 0, 1 or 2")
         self._pose = None
+        # The first graph of a process starts TensorFlow Lite on its own threads after
+        # the constructor returns, and prints its absl lines then, over whatever runs
+        # next. A throwaway graph run on one black frame here waits for that start-up,
+        # so its lines go to the log, and the videos' graphs print nothing.
+        self.reset()
+        with native_stderr_to_log("mediapipe"):
+            self._pose.process(np.zeros((64, 64, 3), np.uint8))
+            self._pose.close()
+        self._pose = None
 
     def reset(self) -> None:
         c = self.config
         if self._pose is not None:
             self._pose.close()
         try:
-            self._pose = self._solution.Pose(
-                static_image_mode=False,
-                model_complexity=c.model_complexity,
-                smooth_landmarks=c.smooth_landmarks,
-                min_detection_confidence=c.min_detection_confidence,
-                min_tracking_confidence=c.min_tracking_confidence,
-            )
+            with native_stderr_to_log("mediapipe"):  # a new graph prints absl lines
+                self._pose = self._solution.Pose(
+                    static_image_mode=False,
+                    model_complexity=c.model_complexity,
+                    smooth_landmarks=c.smooth_landmarks,
+                    min_detection_confidence=c.min_detection_confidence,
+                    min_tracking_confidence=c.min_tracking_confidence,
+                )
         except (OSError, RuntimeError, ConnectionError) as exc:
             raise MissingWeightsError(
                 f"MediaPipe Pose, model_complexity={c.model_complexity}",
@@ -229,15 +240,16 @@ class MediaPipePose(PoseBackend):
     def estimate(self, frames: np.ndarray, boxes: list[np.ndarray] | None = None) -> list[Poses]:
         if self._pose is None:
             self.reset()
+        with native_stderr_to_log("mediapipe"), warnings.catch_warnings():
+            # mediapipe 0.10.14 calls a protobuf 4 deprecated API
+            warnings.simplefilter("ignore", UserWarning)
+            found = [self._pose.process(np.ascontiguousarray(frame)).pose_landmarks for frame in frames]
         out = []
-        for frame in frames:
-            with warnings.catch_warnings():  # mediapipe 0.10.14 calls a protobuf 4 deprecated API
-                warnings.simplefilter("ignore", UserWarning)
-                found = self._pose.process(np.ascontiguousarray(frame)).pose_landmarks
-            if found is None:
+        for landmarks in found:
+            if landmarks is None:
                 out.append(Poses.empty())
                 continue
-            marks = np.array([(m.x, m.y, m.visibility) for m in found.landmark], np.float32)
+            marks = np.array([(m.x, m.y, m.visibility) for m in landmarks.landmark], np.float32)
             kp = blazepose_to_coco(marks)
             seen = kp[kp[:, 2] >= 0.5] if (kp[:, 2] >= 0.5).any() else kp
             box = np.clip([*seen[:, :2].min(0), *seen[:, :2].max(0)], 0.0, 1.0).astype(np.float32)

@@ -12,7 +12,9 @@ overrides into them. A run directory holds::
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,11 +302,26 @@ class InferenceModel(torch.nn.Module):
         return self.tail(self.backbone(clip))
 
 
+@contextlib.contextmanager
+def _quiet_torchscript_deprecation():
+    """torch 2.14 flags ``torch.jit.trace`` and the TorchScript-based ONNX exporter as
+    deprecated. They are the formats chosen on purpose (a file that loads without
+    Python code or onnxscript), the files they write are unaffected, and the notices
+    at the end of every ``make train`` were noise a user had to read past."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=r".*legacy TorchScript-based ONNX", category=DeprecationWarning
+        )
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+        yield
+
+
 def export_torchscript(model: HallucinationNet, clip: ClipSpec, path: Path) -> Path:
     """Traces the RGB-only inference model and checks it against eager mode."""
     wrapper = InferenceModel(model).eval()
     example = model.backbone.example_input(2, clip.frames, clip.size)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_torchscript_deprecation():
         traced = torch.jit.trace(wrapper, example)
         torch.testing.assert_close(traced(example), model.eval()(example), rtol=1e-4, atol=1e-5)
     traced.save(str(path))
@@ -325,7 +342,7 @@ def export_onnx(model: HallucinationNet, clip: ClipSpec, path: Path) -> Path:
     # (BatchNorm) into training mode for the check below.
     wrapper = InferenceModel(model).eval()
     example = model.backbone.example_input(2, clip.frames, clip.size)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_torchscript_deprecation():
         torch.onnx.export(
             wrapper,
             (example,),

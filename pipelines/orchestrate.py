@@ -82,6 +82,14 @@ class RunSummary:
         self.failures.extend(report.failures)
         self.videos += report.videos
 
+    def rate(self) -> str:
+        """Videos a second, or seconds a video where that reads better (slow 1080p videos
+        showed as "0.0 videos/s")."""
+        if not self.videos or not self.wall_seconds:
+            return "no video processed"
+        per_second = self.videos / self.wall_seconds
+        return f"{per_second:.1f} videos/s" if per_second >= 1 else f"{1 / per_second:.1f} s/video"
+
     def table(self) -> str:
         cols = ("done", "reused", "flagged", "failed", "given_up")
         header = f"{'extractor':<24}" + "".join(f"{c:>10}" for c in cols) + f"{'time (s)':>10}{'s/video':>10}"
@@ -95,9 +103,8 @@ class RunSummary:
                 + "".join(f"{c[k]:>10}" for k in cols)
                 + f"{self.seconds[name]:>10.2f}{per:>10.4f}"
             )
-        rate = self.videos / self.wall_seconds if self.wall_seconds else 0.0
         lines.append(
-            f"{self.videos} videos in {self.wall_seconds:.1f}s ({rate:.1f} videos/s); "
+            f"{self.videos} videos in {self.wall_seconds:.1f}s ({self.rate()}); "
             f"{self.skipped_shards} shard(s) already complete"
         )
         return "\n".join(lines)
@@ -215,8 +222,11 @@ def jobqueue_cluster(options: ClusterOptions):
             f"cluster={options.cluster!r} is not known; use local, "
             f"{', '.join(JOBQUEUE_CLUSTERS)}, or scheduler=tcp://host:port"
         ) from None
+    # The scheduler's dashboard on a free port unless one is given: dask's default,
+    # 8787, is taken by any other dask on the host and printed a warning every run.
+    scheduler_options = {"dashboard_address": ":0", **options.jobqueue.get("scheduler_options", {})}
     try:
-        return cluster_cls(**options.jobqueue)
+        return cluster_cls(**{**options.jobqueue, "scheduler_options": scheduler_options})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"jobqueue options for cluster={options.cluster}: {exc}") from None
 

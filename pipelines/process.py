@@ -6,9 +6,14 @@ the ``workers=0`` path, ``train`` and ``evaluate``. Never at import.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -56,3 +61,33 @@ def configure_process(threads: int) -> None:
     cv2.setNumThreads(threads)
     torch.set_num_threads(threads)
     keep_freed_memory()
+
+
+@contextlib.contextmanager
+def native_stderr_to_log(logger: str) -> Iterator[None]:
+    """Sends what native code writes to file descriptor 2 inside the block to ``logger`` (DEBUG).
+
+    Why: MediaPipe's C++ (absl, TensorFlow Lite) prints "Created TensorFlow
+    Lite XNNPACK delegate" and "Feedback manager requires a model with a
+    single signature" on every new graph, once per worker and video, past
+    Python's logging and warnings. They say nothing a user can act on;
+    ``logging.getLogger(logger).setLevel(logging.DEBUG)`` shows them again.
+    Nothing that the block itself raises is hidden: only the descriptor's
+    output is redirected, and it is restored before the exception leaves.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace").strip()
+            if text:
+                log = logging.getLogger(logger)
+                for line in text.splitlines():
+                    log.debug(line)

@@ -90,7 +90,9 @@ def test_slurm_cluster_uses_the_jobqueue_options():
     )
     with jobqueue_cluster(options) as cluster:
         script = cluster.job_script()
+        port = cluster.scheduler.http_server.port  # the dashboard: a free port, not a taken 8787
     assert "#SBATCH -p gpu" in script and "#SBATCH -A lab" in script and "02:00:00" in script
+    assert port and port != 8787
 
 
 def test_unknown_cluster_and_bad_jobqueue_options():

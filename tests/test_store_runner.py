@@ -288,3 +288,12 @@ def test_disk_full_stops_the_run_and_keeps_finished_work(tmp_path, demo_records,
     summary = run_extraction(demo_records[:6], specs, out, IN_PROCESS, shard_size=3, progress=False)
     assert summary.counts["test.frame_stats"]["reused"] == 4
     assert summary.counts["test.frame_stats"]["done"] == 2
+
+
+def test_the_run_summary_rate_reads_as_seconds_per_video_when_slow():
+    from pipelines.orchestrate import RunSummary
+
+    assert RunSummary(videos=30, wall_seconds=10.0).rate() == "3.0 videos/s"
+    assert RunSummary(videos=2, wall_seconds=50.0).rate() == "25.0 s/video"  # was "0.0 videos/s"
+    assert RunSummary().rate() == "no video processed"
+    assert "25.0 s/video" in RunSummary(videos=2, wall_seconds=50.0).table()

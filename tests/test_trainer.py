@@ -1,5 +1,7 @@
 """Trainer, model, backbones and data, on tiny inputs (CPU, seconds)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -346,7 +348,13 @@ def test_export_gives_the_same_logits(tmp_path):
     }
     t.save("best.pt")
     model = load_model(tmp_path)
-    path = export_torchscript(model, CLIP, tmp_path / "inference.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export_torchscript(model, CLIP, tmp_path / "inference.pt")
+        export_onnx(model, CLIP, tmp_path / "quiet.onnx")
+    assert not [
+        w for w in caught if "deprecat" in str(w.message).lower()
+    ]  # no notice for a user to read past
     traced = torch.jit.load(str(path))
     clip = batch()["clip"]
     with torch.no_grad():
