@@ -163,8 +163,7 @@ def decode_samplings(
     try:
         stream = _video_stream(container, path)
         declared = _duration(container, stream)
-        native_w, native_h = stream.codec_context.width, stream.codec_context.height
-        sizes = {spec: output_size(spec, native_w, native_h) for spec in specs}
+        upright = _Upright(stream, path)
         samplers = {spec: _RateSampler(1.0 / spec.fps if spec.fps else 0.0) for spec in specs}
         frames: dict[FrameSpec, list[np.ndarray]] = {spec: [] for spec in specs}
         stamps: dict[FrameSpec, list[float]] = {spec: [] for spec in specs}
@@ -177,8 +176,7 @@ def decode_samplings(
                 for spec in specs:
                     if spec not in active or not samplers[spec].keep(t):
                         continue
-                    width, height = sizes[spec]
-                    frames[spec].append(frame.to_ndarray(format="rgb24", width=width, height=height))
+                    frames[spec].append(upright.rgb(frame, spec))
                     stamps[spec].append(t)
                     if len(frames[spec]) == chunk:
                         yield spec, FrameBatch(np.stack(frames[spec]), np.asarray(stamps[spec]))
@@ -196,6 +194,47 @@ def decode_samplings(
             raise TruncatedVideoError(path, covered, declared)
     finally:
         container.close()
+
+
+def display_turns(frame: av.VideoFrame, path: str) -> int:
+    """Counter-clockwise quarter turns (0-3) that show ``frame`` upright.
+
+    Phones store portrait video landscape, with a display matrix (the MP4
+    track header's, as frame side data) saying how to turn it; ``ffmpeg``
+    applies it, and a decoder that does not gives sideways frames (people
+    lying down for the pose and person detectors). Only quarter turns are
+    real; another angle is a ``CorruptVideoError`` that names the fix.
+    """
+    angle = frame.rotation or 0  # FFmpeg's display rotation: degrees, counter-clockwise
+    turns, rest = divmod(round(angle) % 360, 90)
+    if rest:
+        raise CorruptVideoError(path, f"a display rotation of {angle} degrees, not a multiple of 90")
+    return turns
+
+
+class _Upright:
+    """Decoded frames to RGB at a spec's size, turned as the display matrix says.
+
+    The turn is read from the stream's first frame; sizes are those of the
+    upright picture, so ``short_side`` and ``size`` mean what a user sees.
+    """
+
+    def __init__(self, stream: av.video.stream.VideoStream, path: str) -> None:
+        self.native = (stream.codec_context.width, stream.codec_context.height)
+        self.path, self.turns = path, None
+        self.sizes: dict[FrameSpec, tuple[int, int]] = {}
+
+    def rgb(self, frame: av.VideoFrame, spec: FrameSpec) -> np.ndarray:
+        if self.turns is None:
+            self.turns = display_turns(frame, self.path)
+        if spec not in self.sizes:
+            w, h = self.native
+            self.sizes[spec] = output_size(spec, *((h, w) if self.turns % 2 else (w, h)))
+        width, height = self.sizes[spec]
+        if self.turns % 2:  # scaled in the stored orientation, then turned upright
+            width, height = height, width
+        image = frame.to_ndarray(format="rgb24", width=width, height=height)
+        return np.ascontiguousarray(np.rot90(image, self.turns)) if self.turns else image
 
 
 def _frame_count(container: av.container.InputContainer, stream: av.stream.Stream, native: float) -> int:
@@ -248,7 +287,7 @@ def read_clip(
         t0 = _start_seconds(stream)
         begin = t0 + start / rate
         period = 1.0 / native
-        width, height = output_size(spec, stream.codec_context.width, stream.codec_context.height)
+        upright = _Upright(stream, path)
         container.seek(int(begin / stream.time_base), stream=stream, backward=True, any_frame=False)
         step = 1.0 / spec.fps if spec.fps else 0.0
         # Native rate: every frame from the clip's first; else iter_frames' targets.
@@ -266,7 +305,7 @@ def read_clip(
                 first = False
                 if not sampler.keep(t):
                     continue
-                frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+                frames.append(upright.rgb(frame, spec))
                 times.append(t)
                 if len(frames) == length:
                     return FrameBatch(np.stack(frames), np.asarray(times))

@@ -1,5 +1,7 @@
 import json
+import struct
 from collections import Counter
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -246,3 +248,96 @@ def test_demo_audio_kinds_spread_over_splits():
         for i in range(spec.clips_per_class):
             kinds.setdefault(clip_audio_kind(spec, c, i), set()).add(split_of(i, spec))
     assert kinds["silent"] >= {"train", "test"} and "none" in kinds
+
+
+# ---------------------------------------------------------------- phone and web video variants
+
+
+def _write_timed(path, frames, times, codec="libx264", fmt=None):
+    """H.264 (or ``codec``) with frames presented at ``times`` (seconds): variable rate if uneven."""
+    import av
+
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=30)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for frame, t in zip(frames, times, strict=True):
+            out = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            out.pts, out.time_base = round(t * 1000), Fraction(1, 1000)
+            container.mux(stream.encode(out))
+        container.mux(stream.encode(None))
+
+
+def _quadrant_frames(n, h=48, w=64):
+    """Frames whose top-left quadrant is bright, so any turn or flip shows."""
+    frames = np.zeros((n, h, w, 3), np.uint8)
+    frames[:, : h // 2, : w // 2] = 230
+    return frames
+
+
+def test_phone_rotation_in_the_display_matrix_turns_the_frames_upright(tmp_path):
+    """A portrait phone clip stored landscape with a 90-degree display matrix (in the MP4 track
+    header, as phones write it) decodes upright: sizes are the display's, and so is the content."""
+    path = tmp_path / "phone.mp4"
+    frames = _quadrant_frames(6)
+    _write_timed(path, frames, np.arange(6) / 10)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"tkhd") + 44  # version 0: the 3x3 matrix after 40 bytes of fields
+    data[at : at + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+    decoded = np.concatenate([b.frames for b in iter_frames(path, FrameSpec())])
+    assert decoded.shape == (6, 64, 48, 3)  # portrait
+    upright = np.rot90(frames[0], -1)  # shown turned a quarter clockwise: bright quadrant top right
+    assert np.abs(decoded[0].astype(int) - upright).mean() < 12
+    assert decoded[0][:32, 24:].mean() > 150 and decoded[0][:32, :24].mean() < 60
+    half = np.concatenate([b.frames for b in iter_frames(path, FrameSpec(short_side=24))])
+    assert half.shape[1:3] == (32, 24)  # short_side is the upright picture's
+    clip = read_clip(path, FrameSpec(), 4, lambda n: 1)
+    np.testing.assert_array_equal(clip.frames, decoded[1:5])  # a streamed clip turns the same way
+
+
+def test_a_display_matrix_that_is_not_a_quarter_turn_is_a_named_error(tmp_path):
+    path = tmp_path / "skew.mp4"
+    _write_timed(path, _quadrant_frames(3), np.arange(3) / 10)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"tkhd") + 44
+    c, s = round(0x10000 * np.cos(np.pi / 6)), round(0x10000 * np.sin(np.pi / 6))  # 30 degrees
+    data[at : at + 36] = struct.pack(">9i", c, s, 0, -s, c, 0, 0, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+    message = r"skew\.mp4.*display rotation of -?(29|30) degrees, not a multiple of 90"
+    with pytest.raises(CorruptVideoError, match=message):
+        list(iter_frames(path, FrameSpec()))
+
+
+def test_variable_frame_rate_keeps_the_presentation_times(tmp_path):
+    """Phone clips vary their rate: frames keep their own times, and a rate cap samples by time."""
+    times = np.array([0.0, 0.05, 0.1, 0.3, 0.35, 0.7, 0.75, 0.8, 1.2, 1.5])
+    path = tmp_path / "vfr.mp4"
+    _write_timed(path, moving_frames(len(times)), times)
+    native = np.concatenate([b.timestamps for b in iter_frames(path, FrameSpec())])
+    np.testing.assert_allclose(native, times, atol=1e-3)
+    capped = np.concatenate([b.timestamps for b in iter_frames(path, FrameSpec(fps=5))])
+    # The first frame at or after each 0.2 s target, never one twice.
+    np.testing.assert_allclose(capped, [0.0, 0.3, 0.7, 0.8, 1.2, 1.5], atol=1e-3)
+    # A streamed clip is placed by the average rate, so on variable-rate video it is not the
+    # clip a whole decode would cut for the same draw; it is still consecutive real frames.
+    clip = read_clip(path, FrameSpec(), 3, lambda n: 2)
+    if clip is not None:
+        first = int(np.argmin(np.abs(native - clip.timestamps[0])))
+        np.testing.assert_allclose(clip.timestamps, native[first : first + 3], atol=1e-3)
+
+
+def test_av1_decodes_where_pyav_has_a_decoder(tmp_path):
+    import av
+
+    try:
+        av.Codec("libsvtav1", "w")
+        av.Codec("libdav1d", "r")
+    except av.FFmpegError:
+        pytest.skip("this PyAV build has no AV1 encoder (libsvtav1) or decoder (libdav1d)")
+    path = tmp_path / "web.mp4"
+    frames = _quadrant_frames(8, 64, 64)
+    _write_timed(path, frames, np.arange(8) / 10, codec="libsvtav1")
+    decoded = np.concatenate([b.frames for b in iter_frames(path, FrameSpec())])
+    assert decoded.shape == (8, 64, 64, 3)
+    assert np.abs(decoded.astype(int) - frames).mean() < 12
