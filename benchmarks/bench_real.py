@@ -27,14 +27,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
-import cv2
-import numpy as np
 
 from benchmarks._common import print_table
+from pipelines.encode import write_video
 
 CLIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-clips"
 NTU = "ntu_rgbd_1080p_drink_water.avi"
 HD = (NTU, "person_1080p_skeleton_demo.mp4")
+BIT_RATE = 8_000_000  # the made clips: about what a 1080p camera file carries
 
 
 def _videos(folder: Path) -> list[Path]:
@@ -104,32 +104,16 @@ def _rate(stream) -> Fraction:
     return Fraction(stream.average_rate or 25)
 
 
-def encode(frames_of, width: int, height: int, rate: Fraction, path: Path) -> None:
-    """H.264 from an iterator of RGB frames, one frame in memory at a time."""
-    with av.open(str(path), "w") as container:
-        video = container.add_stream("libx264", rate=rate)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"preset": "veryfast", "crf": "20"}
-        for i, frame in enumerate(frames_of):
-            yuv = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2YUV_I420)
-            out = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
-            out.pts = i
-            container.mux(video.encode(out))
-        container.mux(video.encode(None))
-
-
 def prescaled(source: Path, out: Path, short_side: int = 256) -> Path:
     """``source`` resized to ``short_side`` (the default extractors' bound), same rate and frames."""
     from extractors.base import FrameSpec
-    from pipelines.decode import iter_frames, output_size
+    from pipelines.decode import iter_frames
 
     with av.open(str(source)) as container:
-        stream = container.streams.video[0]
-        rate, w, h = _rate(stream), stream.codec_context.width, stream.codec_context.height
+        rate = _rate(container.streams.video[0])
     spec = FrameSpec(short_side=short_side)
-    width, height = output_size(spec, w, h)
     frames = (f for batch in iter_frames(source, spec) for f in batch.frames)
-    encode(frames, width, height, rate, out)
+    write_video(out, frames, rate, bit_rate=BIT_RATE)
     return out
 
 
@@ -139,8 +123,7 @@ def looped(source: Path, out: Path, n_frames: int) -> Path:
         stream = container.streams.video[0]
         rate = _rate(stream)
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-    h, w = frames[0].shape[:2]
-    encode((frames[i % len(frames)] for i in range(n_frames)), w, h, rate, out)
+    write_video(out, (frames[i % len(frames)] for i in range(n_frames)), rate, bit_rate=BIT_RATE)
     return out
 
 

@@ -6,6 +6,9 @@ ffmpeg binary is required because PyAV bundles the encoders.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -15,15 +18,16 @@ import numpy as np
 
 def write_video(
     path: str | Path,
-    frames: np.ndarray,
-    fps: int,
+    frames: Iterable[np.ndarray],
+    fps: int | Fraction,
     audio: np.ndarray | None = None,
     audio_rate: int = 16000,
     codec: str = "libx264",
     bit_rate: int = 600_000,
     faststart: bool = False,
 ) -> None:
-    """Encodes ``frames`` (T, H, W, 3 uint8 RGB) and optional mono ``audio`` in [-1, 1].
+    """Encodes ``frames`` (T, H, W, 3 uint8 RGB, or any iterable of H, W, 3 frames,
+    which is encoded one frame at a time) and optional mono ``audio`` in [-1, 1].
 
     ``audio=None`` writes a file with no audio stream at all; an all-zero
     array writes a silent track, which is a different case downstream.
@@ -36,7 +40,11 @@ def write_video(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    height, width = frames.shape[1:3]
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError(f"{path}: no frames to encode")
+    height, width = first.shape[:2]
     options = {"movflags": "faststart"} if faststart else None
     with av.open(str(path), "w", options=options) as container:
         video = container.add_stream(codec, rate=fps)
@@ -45,7 +53,7 @@ def write_video(
         sound = None
         if audio is not None:
             sound = container.add_stream("aac", rate=audio_rate, layout="mono")
-        for i, frame in enumerate(frames):
+        for i, frame in enumerate(itertools.chain([first], frames)):
             yuv = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2YUV_I420)
             out = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
             out.pts = i
