@@ -23,8 +23,9 @@ def write_video(
     audio: np.ndarray | None = None,
     audio_rate: int = 16000,
     codec: str = "libx264",
-    bit_rate: int = 600_000,
+    bit_rate: int | None = 600_000,
     faststart: bool = False,
+    codec_options: dict[str, str] | None = None,
 ) -> None:
     """Encodes ``frames`` (T, H, W, 3 uint8 RGB, or any iterable of H, W, 3 frames,
     which is encoded one frame at a time) and optional mono ``audio`` in [-1, 1].
@@ -49,7 +50,10 @@ def write_video(
     with av.open(str(path), "w", options=options) as container:
         video = container.add_stream(codec, rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.bit_rate = bit_rate
+        if bit_rate is not None:
+            video.bit_rate = bit_rate
+        if codec_options:
+            video.options = codec_options  # e.g. x264's preset and crf, instead of a bit rate
         sound = None
         if audio is not None:
             sound = container.add_stream("aac", rate=audio_rate, layout="mono")
