@@ -258,6 +258,7 @@ class SoundNetConfig:
 class SoundNetAF(Extractor):
     """The paper's AF: SoundNet-8 pool5 (256-d) averaged over time; silent or missing audio is flagged."""
 
+    weights = "checkpoint"
     version = "1"
     Config = SoundNetConfig
 

@@ -57,9 +57,21 @@ SHORT_SIDE = 256
 # 1/15 s stays within DIS's search range at this size, and half the pairs of
 # a 30 frame/s video halve their cost.
 MOTION_FPS = 15.0
-# Detectors (ODF): boxes change slowly next to flow, and a box per 0.2 s is
-# what the Eq. 16 pooling of a clip needs; HOG was the costliest default.
+# Detectors (ODF), pose and person masks: boxes, joints and people change
+# slowly next to flow, and one every 0.2 s is what the Eq. 16 pooling of a
+# clip needs. HOG was the costliest default; MediaPipe Pose's two passes
+# cost about 40 ms a frame (19 s over the eight real clips at 10 frames/s,
+# 11 s at 5). One rate for all of them also means one decoded sampling, and
+# odf.pose's boxes line up with pose.skeleton's frames. ST-GCN (pose.stgcn)
+# was trained at 30 frames/s: set options.pose.skeleton.fps=30 for it.
 DETECTION_FPS = 5.0
+
+# What an extractor runs, as ``hallucinate extractors`` and the README say:
+# a pretrained model that ships with an installed package (it runs on a
+# fresh machine), a heuristic (signal processing, no learnt weights), a
+# model that needs a checkpoint (random weights until one is given), or a
+# descriptor derived from another extractor's stored output.
+WEIGHTS_KINDS = ("pretrained", "heuristic", "checkpoint", "derived")
 
 
 @dataclass(frozen=True)
@@ -149,8 +161,9 @@ class Extractor(ABC):
     version: ClassVar[str] = "1"
     Config: ClassVar[type]  # a dataclass of plain typed fields
     resources: ClassVar[Resources] = Resources()
-    # Part of ``extractors=default``: weight-free, so it runs on a fresh machine.
+    # Part of ``extractors=default``: it runs on a fresh machine, with no download.
     in_default_set: ClassVar[bool] = False
+    weights: ClassVar[str] = "heuristic"  # one of WEIGHTS_KINDS, for the default config
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()

@@ -3,21 +3,26 @@
 A backend turns a batch of RGB frames into boxes, scores and labels. Labels
 are *slots* of one shared label space, in which every backend owns a fixed
 range (COCO for YOLO / torchvision / detectron2, AVA for action detectors,
-one slot for the HOG person detector, one for "moving object"), so per-box
-one-hot vectors of different detectors never collide. The ranges are
-stored with every ODF result.
+one slot for the HOG person detector, one for "moving object", one for
+faces, two for left and right hands, one for people found by pose), so
+per-box one-hot vectors of different detectors never collide. The ranges
+are stored with every ODF result.
 
 Backends: ``motion`` (background subtraction, weight-free), ``hog``
-(OpenCV's people detector, weight-free), ``torchvision`` (Faster R-CNN,
-RetinaNet, FCOS, SSDlite), ``ultralytics`` (any YOLO checkpoint or yaml)
-and ``detectron2`` (when importable). Deep frameworks are imported in
-``setup``, never at module import.
+(OpenCV's people detector, weight-free), ``mediapipe_face`` and
+``mediapipe_hands`` (the pretrained nets inside the mediapipe wheel),
+``torchvision`` (Faster R-CNN, RetinaNet, FCOS, SSDlite), ``ultralytics``
+(any YOLO checkpoint or yaml) and ``detectron2`` (when importable); the
+``pose_keypoints`` backend (in ``extractors.pose``) boxes the people that
+``pose.skeleton`` stored. Deep frameworks are imported in ``setup``, never
+at module import.
 """
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,10 +42,13 @@ LABEL_RANGES: dict[str, tuple[int, int]] = {
     "ava": (91, 171),
     "hog_person": (171, 172),
     "moving_object": (172, 173),
+    "face": (173, 174),
+    "hand": (174, 176),  # left, right (the person's own)
+    "pose_person": (176, 177),
 }
-LABEL_SLOTS = 173
-# Slots that are people: COCO "person" (1) and the HOG person detector's slot.
-PERSON_SLOTS = (1, LABEL_RANGES["hog_person"][0])
+LABEL_SLOTS = 177
+# Slots that are people: COCO "person" (1), the HOG person detector's and pose's.
+PERSON_SLOTS = (1, LABEL_RANGES["hog_person"][0], LABEL_RANGES["pose_person"][0])
 
 # YOLO / detectron2 contiguous COCO-80 index -> COCO id (= slot).
 COCO80_TO_91 = np.array(
@@ -90,6 +98,16 @@ def person_boxes_by_frame(result: Any, width: int, height: int) -> dict[int, np.
     return {int(f): people[people[:, 0] == f, 3:7] * scale for f in np.unique(people[:, 0])}
 
 
+def check_same_frames(result: Any, frames: int, name: str, path: str, reader: str) -> None:
+    """Results read by frame index (boxes, keypoints) must come from the same sampled frames."""
+    theirs = int(result.attrs.get("frames", frames))
+    if theirs != frames:
+        raise ConfigError(
+            f"{path}: {name} has {theirs} frames but {reader} sampled {frames}; "
+            f"give both the same fps and short_side (options.{name}.fps = options.{reader}.fps)"
+        )
+
+
 def _detections(boxes: Any, scores: Any, slots: Any, width: int, height: int) -> Detections:
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4) / np.array(
         [width, height, width, height], np.float32
@@ -105,7 +123,9 @@ class Detector(ABC):
     """One detector backend. ``Config`` is a dataclass of plain fields.
 
     ``reset`` is called at the start of every video: stateful backends
-    (background models) must not carry one video's state into the next.
+    (background models, trackers) must not carry one video's state into the
+    next. A backend that reads another extractor's stored output instead of
+    pixels names it in ``inputs`` and gets its result in ``reset``.
     """
 
     name: ClassVar[str]
@@ -115,11 +135,16 @@ class Detector(ABC):
     def __init__(self, config: Any) -> None:
         self.config = config
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Extractors whose results this backend reads, matched to frames by index."""
+        return ()
+
     def setup(self) -> None:  # noqa: B027  (optional hook)
         """Loads the model, once per worker."""
 
-    def reset(self) -> None:  # noqa: B027  (optional hook)
-        """Forgets per-video state."""
+    def reset(self, inputs: Mapping[str, Any] | None = None) -> None:  # noqa: B027  (optional hook)
+        """Forgets per-video state; ``inputs`` holds the results named by ``inputs``."""
 
     @abstractmethod
     def detect(self, frames: np.ndarray) -> list[Detections]:
@@ -165,7 +190,7 @@ class MotionDetector(Detector):
     Config = MotionConfig
     label_range = "moving_object"
 
-    def reset(self) -> None:
+    def reset(self, inputs: Mapping[str, Any] | None = None) -> None:
         c = self.config
         if c.method == "mog2":
             self._model = cv2.createBackgroundSubtractorMOG2(c.history, c.var_threshold, False)
@@ -252,6 +277,140 @@ class HogPeopleDetector(Detector):
             slot = LABEL_RANGES["hog_person"][0]
             out.append(_detections(boxes, np.tanh(np.ravel(margins)), np.full(len(rects), slot), w, h))
         return out
+
+
+# ---------------------------------------------------------------- MediaPipe (pretrained, in the wheel)
+
+
+@dataclass
+class MediaPipeFaceConfig:
+    # 0: the short-range model (faces within about 2 m of the camera), 1: full range (5 m).
+    # On the real clips at a 256 short side, short range found faces on 39 of 50 frames of
+    # arm wrestling where full range found 11 (README, "Pretrained models").
+    model_selection: int = 0
+    min_detection_confidence: float = 0.5
+
+
+@DETECTORS.register("mediapipe_face")
+class MediaPipeFace(Detector):
+    """MediaPipe face detection (BlazeFace); frames are independent, so there is no state."""
+
+    Config = MediaPipeFaceConfig
+    label_range = "face"
+
+    def setup(self) -> None:
+        from extractors.mediapipe_nets import solution, warm_up
+
+        c = self.config
+        if c.model_selection not in (0, 1):
+            raise ConfigError("face detector mediapipe_face: model_selection must be 0 or 1")
+        faces = solution("face_detection", "face detector mediapipe_face")
+        self._factory = lambda: faces.FaceDetection(
+            model_selection=c.model_selection, min_detection_confidence=c.min_detection_confidence
+        )
+        warm_up(self._factory)
+        self._graph = None
+
+    def detect(self, frames: np.ndarray) -> list[Detections]:
+        from extractors.mediapipe_nets import new_graph, process_frames
+
+        if self._graph is None:
+            self._graph = new_graph(self._factory)
+        slot = LABEL_RANGES["face"][0]
+        out = []
+        for found in process_frames(self._graph, frames):
+            rows = []
+            for d in found.detections or []:
+                b = d.location_data.relative_bounding_box
+                rows.append((b.xmin, b.ymin, b.xmin + b.width, b.ymin + b.height, d.score[0]))
+            if not rows:
+                out.append(Detections.empty())
+                continue
+            table = np.array(rows, np.float32)
+            out.append(_detections(table[:, :4], table[:, 4], np.full(len(rows), slot), 1, 1))
+        return out
+
+    def provenance(self) -> dict[str, Any]:
+        from extractors.mediapipe_nets import mediapipe_version
+
+        return {"weights": f"mediapipe-{mediapipe_version()}-face-{self.config.model_selection}"}
+
+
+@dataclass
+class MediaPipeHandsConfig:
+    max_num_hands: int = 4  # two people at a table show four
+    model_complexity: int = 0  # 0: the lite landmark model, 1: full; both ship in the wheel
+    min_detection_confidence: float = 0.5
+    min_tracking_confidence: float = 0.5
+    # MediaPipe labels handedness as if the image were a mirrored selfie; ordinary
+    # video is not mirrored, so its labels are swapped to give the person's own hand.
+    mirrored: bool = False
+    pad: float = 0.1  # the landmark box grown by this fraction a side
+
+
+@DETECTORS.register("mediapipe_hands")
+class MediaPipeHands(Detector):
+    """MediaPipe Hands: palm detection, then 21 landmarks a hand, tracked from frame to frame.
+
+    A box is the landmarks' extent grown by ``pad``; its slot is the left or
+    right hand, and its score the handedness confidence. The graph tracks
+    hands between frames, so it is rebuilt for every video.
+    """
+
+    Config = MediaPipeHandsConfig
+    label_range = "hand"
+
+    def setup(self) -> None:
+        from extractors.mediapipe_nets import solution, warm_up
+
+        c = self.config
+        if c.model_complexity not in (0, 1) or c.max_num_hands < 1:
+            raise ConfigError(
+                "hand detector mediapipe_hands: model_complexity must be 0 or 1, max_num_hands >= 1"
+            )
+        hands = solution("hands", "hand detector mediapipe_hands")
+        self._factory = lambda: hands.Hands(
+            static_image_mode=False,
+            max_num_hands=c.max_num_hands,
+            model_complexity=c.model_complexity,
+            min_detection_confidence=c.min_detection_confidence,
+            min_tracking_confidence=c.min_tracking_confidence,
+        )
+        warm_up(self._factory)
+        self._graph = None
+
+    def reset(self, inputs: Mapping[str, Any] | None = None) -> None:
+        if getattr(self, "_graph", None) is not None:
+            self._graph.close()
+        self._graph = None
+
+    def detect(self, frames: np.ndarray) -> list[Detections]:
+        from extractors.mediapipe_nets import landmark_box, new_graph, process_frames
+
+        if self._graph is None:
+            self._graph = new_graph(self._factory)
+        first = LABEL_RANGES["hand"][0]
+        out = []
+        for found in process_frames(self._graph, frames):
+            marks, sides = found.multi_hand_landmarks or [], found.multi_handedness or []
+            if not marks:
+                out.append(Detections.empty())
+                continue
+            boxes, scores, slots = [], [], []
+            for hand, side in zip(marks, sides, strict=True):
+                label = side.classification[0]
+                points = np.array([(m.x, m.y) for m in hand.landmark], np.float32)
+                boxes.append(landmark_box(points, self.config.pad))
+                scores.append(label.score)
+                is_left = (label.label == "Left") == self.config.mirrored
+                slots.append(first + (0 if is_left else 1))
+            out.append(_detections(np.array(boxes), scores, slots, 1, 1))
+        return out
+
+    def provenance(self) -> dict[str, Any]:
+        from extractors.mediapipe_nets import mediapipe_version
+
+        return {"weights": f"mediapipe-{mediapipe_version()}-hands-{self.config.model_complexity}"}
 
 
 # ---------------------------------------------------------------- torchvision

@@ -764,6 +764,7 @@ class I3DFlowFeatures(Extractor):
     (tests use ``weights=random``, which says so in the stored provenance).
     """
 
+    weights = "checkpoint"
     version = "1"
     Config = I3DConfig
 

@@ -9,8 +9,9 @@ summarised by multi-moment pooling (Eq. 16) and SigmE.
 The raw boxes (frame, slot, score, corners) and crop features are stored
 too, compressed, so ``odf.repool`` (``hallucinate repool``) can pool them
 again with another n′, embedding or power normalisation without running
-any detector. A video with no box at all gets a zero descriptor and the
-``no_boxes`` flag, which the trainer reads as "no ground truth".
+any detector. A video with no box at all gets a zero descriptor and a
+flag (``no_boxes``; ``no_face``, ``no_hands``, ``no_person`` for the
+streams that look for those), which the trainer reads as "no ground truth".
 
 The paper ran its detectors on every frame; the default ``fps`` (5) and
 ``short_side`` (256) trade that for speed on real video (``extractors.base``
@@ -38,7 +39,7 @@ from extractors.base import (
     VideoInput,
 )
 from extractors.crops import CROP_FEATURES, CropFeatures, crop_boxes
-from extractors.detectors import DETECTORS, LABEL_RANGES, LABEL_SLOTS, Detector
+from extractors.detectors import DETECTORS, LABEL_RANGES, LABEL_SLOTS, Detector, check_same_frames
 from extractors.encoders import (
     check_power_norm,
     multi_moment_pool,
@@ -106,13 +107,15 @@ class ODFConfig:
 class ODFExtractor(Extractor):
     """Base of the ODF extractors; a subclass names its detector backend and defaults."""
 
-    version = "1"
+    # 2: the shared label space grew from 173 to 177 slots (faces, hands, pose people).
+    version = "2"
     Config = ODFConfig
     backend: ClassVar[str]
     detector_defaults: ClassVar[dict[str, Any]] = {}
+    empty_flag: ClassVar[str] = "no_boxes"  # the flag of a video in which nothing was found
 
     def __init__(self, config: ODFConfig | None = None) -> None:
-        config = config if config is not None else ODFConfig()
+        config = config if config is not None else self.Config()
         where = f"options.{self.name}"
         det_cls, det_cfg = build_backend(
             DETECTORS,
@@ -140,7 +143,10 @@ class ODFExtractor(Extractor):
         return box_vector_dim(self.crop_features.dim, self.config.rbf)
 
     def needs(self) -> Needs:
-        return Needs(frames=FrameSpec(fps=self.config.fps, max_short_side=self.config.short_side))
+        return Needs(
+            frames=FrameSpec(fps=self.config.fps, max_short_side=self.config.short_side),
+            inputs=self.detector.inputs,
+        )
 
     def produces(self) -> dict[str, OutputSpec]:
         c = self.config
@@ -169,7 +175,7 @@ class ODFExtractor(Extractor):
 
     def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
         c = self.config
-        self.detector.reset()
+        self.detector.reset({name: inputs[name] for name in self.detector.inputs})
         rows, crops = [], []
         n_frames = 0
         for batch in video.frames(self.needs().frames, chunk=c.chunk):
@@ -184,6 +190,8 @@ class ODFExtractor(Extractor):
                     )
                     crops.append(self.crop_features(crop_boxes(batch.frames[i], det.boxes[keep])))
             n_frames += len(batch.frames)
+        for name in self.detector.inputs:
+            check_same_frames(inputs[name], n_frames, name, video.path, self.name)
         boxes = (
             np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, len(BOX_COLUMNS)), np.float32)
         )
@@ -201,7 +209,9 @@ class ODFExtractor(Extractor):
             **self.crop_features.provenance(),
         }
         flags = (
-            {} if len(boxes) else {"no_boxes": f"no box scored >= {c.score_threshold} in {n_frames} frames"}
+            {}
+            if len(boxes)
+            else {self.empty_flag: f"no box scored >= {c.score_threshold} in {n_frames} frames"}
         )
         arrays = {"descriptor": descriptor, "boxes": boxes, "crops": crop_array.astype(np.float16)}
         return Result(arrays, flags=flags, attrs=attrs)
@@ -217,16 +227,50 @@ class MotionODF(ODFExtractor):
 
 @register("odf.hog")
 class HogODF(ODFExtractor):
-    """ODF from OpenCV's HOG people detector; weight-free, in the default set."""
+    """ODF from OpenCV's HOG people detector; weight-free (by default odf.pose's people replace it)."""
 
     backend = "hog"
+
+
+@register("odf.face")
+class FaceODF(ODFExtractor):
+    """ODF from MediaPipe's pretrained face detector (in the wheel); in the default set."""
+
+    backend = "mediapipe_face"
     in_default_set = True
+    weights = "pretrained"
+    empty_flag = "no_face"
+
+
+@register("odf.hands")
+class HandsODF(ODFExtractor):
+    """ODF from MediaPipe's pretrained palm detector and hand landmarks: left and right hands."""
+
+    backend = "mediapipe_hands"
+    in_default_set = True
+    weights = "pretrained"
+    empty_flag = "no_hands"
+
+
+@register("odf.pose")
+class PoseODF(ODFExtractor):
+    """ODF from the people pose.skeleton found: a box around each tracked skeleton, no second pose run.
+
+    Its boxes are matched to frames by index, so it must sample like
+    pose.skeleton; both default to the ODF rate and size.
+    """
+
+    backend = "pose_keypoints"
+    in_default_set = True
+    weights = "pretrained"
+    empty_flag = "no_person"
 
 
 @register("odf.fasterrcnn")
 class FasterRCNNODF(ODFExtractor):
     """ODF from torchvision's Faster R-CNN ResNet-50 FPN v2 (COCO)."""
 
+    weights = "checkpoint"
     backend = "torchvision"
     detector_defaults = {"model": "fasterrcnn_resnet50_fpn_v2"}
 
@@ -235,6 +279,7 @@ class FasterRCNNODF(ODFExtractor):
 class RetinaNetODF(ODFExtractor):
     """ODF from torchvision's RetinaNet ResNet-50 FPN v2 (COCO)."""
 
+    weights = "checkpoint"
     backend = "torchvision"
     detector_defaults = {"model": "retinanet_resnet50_fpn_v2"}
 
@@ -243,6 +288,7 @@ class RetinaNetODF(ODFExtractor):
 class FCOSODF(ODFExtractor):
     """ODF from torchvision's FCOS ResNet-50 FPN (COCO)."""
 
+    weights = "checkpoint"
     backend = "torchvision"
     detector_defaults = {"model": "fcos_resnet50_fpn"}
 
@@ -251,6 +297,7 @@ class FCOSODF(ODFExtractor):
 class SSDliteODF(ODFExtractor):
     """ODF from torchvision's SSDlite MobileNetV3 (COCO); the fastest deep detector here."""
 
+    weights = "checkpoint"
     backend = "torchvision"
     detector_defaults = {"model": "ssdlite320_mobilenet_v3_large"}
 
@@ -259,6 +306,7 @@ class SSDliteODF(ODFExtractor):
 class YoloODF(ODFExtractor):
     """ODF from an ultralytics YOLO model (a .pt checkpoint or model yaml)."""
 
+    weights = "checkpoint"
     backend = "ultralytics"
 
 
@@ -266,6 +314,7 @@ class YoloODF(ODFExtractor):
 class Detectron2ODF(ODFExtractor):
     """ODF from a detectron2 model (needs detectron2 installed from source)."""
 
+    weights = "checkpoint"
     backend = "detectron2"
 
 
@@ -282,7 +331,8 @@ class RepoolConfig:
 class RepoolODF(Extractor):
     """ODF pooled again from another ODF extractor's stored boxes; no detector runs."""
 
-    version = "1"
+    version = "2"  # the label space of odf.* version 2
+    weights = "derived"
     Config = RepoolConfig
 
     def __init__(self, config: RepoolConfig | None = None) -> None:

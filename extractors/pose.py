@@ -33,7 +33,6 @@ person boxes of a detection extractor; an optional install).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,14 +41,33 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
-from extractors.detectors import box_area, box_iou, load_ultralytics, person_boxes_by_frame
+from extractors.base import (
+    DETECTION_FPS,
+    SHORT_SIDE,
+    Extractor,
+    FrameSpec,
+    Needs,
+    OutputSpec,
+    Result,
+    VideoInput,
+)
+from extractors.detectors import (
+    DETECTORS,
+    LABEL_RANGES,
+    Detections,
+    Detector,
+    box_area,
+    box_iou,
+    check_same_frames,
+    load_ultralytics,
+    person_boxes_by_frame,
+)
 from extractors.encoders import check_power_norm, multi_moment_pool, multi_moment_size, power_normalise
+from extractors.mediapipe_nets import landmark_box
 from extractors.registry import build_backend, register
 from pipelines.config import to_plain
 from pipelines.device import pick_device
 from pipelines.errors import ConfigError, MissingWeightsError
-from pipelines.process import native_stderr_to_log
 from pipelines.registry import Registry
 from pipelines.weights import file_sha256
 
@@ -170,12 +188,6 @@ class PoseBackend(ABC):
 
 POSE_BACKENDS: Registry[PoseBackend] = Registry("pose backend", entry_point_group="hallucinate.pose")
 
-MEDIAPIPE_INSTALL = (
-    "`pip install --no-deps mediapipe==0.10.14 && "
-    "pip install absl-py attrs flatbuffers 'protobuf>=4.25.3,<5'` "
-    "(`make install` does this; later releases dropped the bundled pose models)"
-)
-
 
 @dataclass
 class MediaPipeConfig:
@@ -184,51 +196,53 @@ class MediaPipeConfig:
     min_detection_confidence: float = 0.5
     min_tracking_confidence: float = 0.5
     smooth_landmarks: bool = True
+    # People looked for per frame. MediaPipe Pose follows one person; pass k runs a
+    # graph of its own on the frame with the people of passes 1..k-1 blotted out.
+    passes: int = 2
+    pad: float = 0.1  # a found person's landmark box, grown by this, is what later passes cannot see
 
 
 @POSE_BACKENDS.register("mediapipe")
 class MediaPipePose(PoseBackend):
-    """MediaPipe Pose (BlazePose, 33 landmarks) in video mode; one person; visibility is the confidence."""
+    """MediaPipe Pose (BlazePose, 33 landmarks) in video mode; visibility is the confidence.
+
+    BlazePose tracks a single person. For a second one (two people talking,
+    fighting, arm wrestling) each further pass gets its own graph and the
+    frame with the people found so far painted over in the frame's mean
+    colour, so its detector finds someone else and its tracker follows them.
+    On the two-person real clip this found both people on 22 of 25 frames,
+    and on the one-person NTU clip never a second; it costs a pass per
+    person found, plus one that finds nobody.
+    """
 
     Config = MediaPipeConfig
-    multi_person = False
+
+    @property
+    def multi_person(self) -> bool:  # type: ignore[override]
+        return self.config.passes > 1
 
     def setup(self) -> None:
-        try:
-            import mediapipe as mp
+        from extractors.mediapipe_nets import solution, warm_up
 
-            self._solution = mp.solutions.pose
-        except (ImportError, AttributeError):
-            raise ConfigError(
-                f"pose backend mediapipe: mediapipe 0.10.14 with its pose solution is not installed; "
-                f"{MEDIAPIPE_INSTALL}, or use backend.name=ultralytics"
-            ) from None
-        if self.config.model_complexity not in (0, 1, 2):
-            raise ConfigError("pose backend mediapipe: model_complexity must be 0, 1 or 2")
-        self._pose = None
-        # The first graph of a process starts TensorFlow Lite on its own threads after
-        # the constructor returns, and prints its absl lines then, over whatever runs
-        # next. A throwaway graph run on one black frame here waits for that start-up,
-        # so its lines go to the log, and the videos' graphs print nothing.
-        self.reset()
-        with native_stderr_to_log("mediapipe"):
-            self._pose.process(np.zeros((64, 64, 3), np.uint8))
-            self._pose.close()
-        self._pose = None
-
-    def reset(self) -> None:
         c = self.config
-        if self._pose is not None:
-            self._pose.close()
+        self._solution = solution("pose", "pose backend mediapipe")
+        if c.model_complexity not in (0, 1, 2):
+            raise ConfigError("pose backend mediapipe: model_complexity must be 0, 1 or 2")
+        if c.passes < 1:
+            raise ConfigError("pose backend mediapipe: passes must be at least 1")
+        self._graphs: list[Any] = []
+        warm_up(self._new_pose)
+
+    def _new_pose(self) -> Any:
+        c = self.config
         try:
-            with native_stderr_to_log("mediapipe"):  # a new graph prints absl lines
-                self._pose = self._solution.Pose(
-                    static_image_mode=False,
-                    model_complexity=c.model_complexity,
-                    smooth_landmarks=c.smooth_landmarks,
-                    min_detection_confidence=c.min_detection_confidence,
-                    min_tracking_confidence=c.min_tracking_confidence,
-                )
+            return self._solution.Pose(
+                static_image_mode=False,
+                model_complexity=c.model_complexity,
+                smooth_landmarks=c.smooth_landmarks,
+                min_detection_confidence=c.min_detection_confidence,
+                min_tracking_confidence=c.min_tracking_confidence,
+            )
         except (OSError, RuntimeError, ConnectionError) as exc:
             raise MissingWeightsError(
                 f"MediaPipe Pose, model_complexity={c.model_complexity}",
@@ -237,29 +251,49 @@ class MediaPipePose(PoseBackend):
                 "Use model_complexity=1 offline.",
             ) from None
 
+    def reset(self) -> None:
+        for graph in self._graphs:
+            graph.close()
+        self._graphs = []
+
     def estimate(self, frames: np.ndarray, boxes: list[np.ndarray] | None = None) -> list[Poses]:
-        if self._pose is None:
-            self.reset()
-        with native_stderr_to_log("mediapipe"), warnings.catch_warnings():
-            # mediapipe 0.10.14 calls a protobuf 4 deprecated API
-            warnings.simplefilter("ignore", UserWarning)
-            found = [self._pose.process(np.ascontiguousarray(frame)).pose_landmarks for frame in frames]
+        from extractors.mediapipe_nets import landmark_box, new_graph, quiet
+
+        if not self._graphs:
+            self._graphs = [new_graph(self._new_pose) for _ in range(self.config.passes)]
         out = []
-        for landmarks in found:
-            if landmarks is None:
+        for frame in frames:
+            h, w = frame.shape[:2]
+            seen = np.array(frame)
+            fill = frame.reshape(-1, 3).mean(0).astype(np.uint8)
+            people = []
+            for graph in self._graphs:
+                with quiet():
+                    landmarks = graph.process(seen).pose_landmarks
+                if landmarks is None:
+                    break  # nobody left to find: a later pass would only pay for its detector
+                marks = np.array([(m.x, m.y, m.visibility) for m in landmarks.landmark], np.float32)
+                kp = blazepose_to_coco(marks)
+                visible = kp[kp[:, 2] >= 0.5] if (kp[:, 2] >= 0.5).any() else kp
+                people.append((kp, landmark_box(visible[:, :2], 0.0), kp[:, 2].mean()))
+                x1, y1, x2, y2 = landmark_box(visible[:, :2], self.config.pad) * np.array([w, h, w, h])
+                seen[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))] = fill
+            if not people:
                 out.append(Poses.empty())
                 continue
-            marks = np.array([(m.x, m.y, m.visibility) for m in landmarks.landmark], np.float32)
-            kp = blazepose_to_coco(marks)
-            seen = kp[kp[:, 2] >= 0.5] if (kp[:, 2] >= 0.5).any() else kp
-            box = np.clip([*seen[:, :2].min(0), *seen[:, :2].max(0)], 0.0, 1.0).astype(np.float32)
-            out.append(Poses(kp[None], box[None], np.array([kp[:, 2].mean()], np.float32)))
+            out.append(
+                Poses(
+                    np.stack([p[0] for p in people]),
+                    np.stack([p[1] for p in people]),
+                    np.array([p[2] for p in people], np.float32),
+                )
+            )
         return out
 
     def provenance(self) -> dict[str, Any]:
-        import mediapipe
+        from extractors.mediapipe_nets import mediapipe_version
 
-        return {"weights": f"mediapipe-{mediapipe.__version__}-complexity{self.config.model_complexity}"}
+        return {"weights": f"mediapipe-{mediapipe_version()}-complexity{self.config.model_complexity}"}
 
 
 @dataclass
@@ -456,6 +490,52 @@ def _masked_mid(xy: np.ndarray, present: np.ndarray, pair: tuple[int, int]) -> t
     return mid, count > 0
 
 
+@dataclass(frozen=True)
+class UsableJoints:
+    """Which joints and person-frames of (T, P, 17, 3) keypoints count; their centres and scales."""
+
+    xy: np.ndarray  # (T, P, 17, 2) pixels
+    conf: np.ndarray  # (T, P, 17)
+    present: np.ndarray  # (T, P, 17) bool
+    valid: np.ndarray  # (T, P) bool: a person-frame that gives a row (and a box)
+    centre: np.ndarray  # (T, P, 2) pixels
+    scale: np.ndarray  # (T, P) torso length in pixels
+
+
+def usable_joints(
+    keypoints: np.ndarray,
+    width: int,
+    height: int,
+    min_confidence: float,
+    min_torso: float = 0.0,
+    min_frames: int = 1,
+    margin: float = 0.02,
+) -> UsableJoints:
+    """The rules that decide which joints and people are real (see ``skeleton_rows``).
+
+    Shared by the skeleton descriptor and ``odf.pose``'s person boxes, so a
+    box is drawn exactly where a skeleton row is made.
+    """
+    kp = np.asarray(keypoints, np.float64)
+    xy = kp[..., :2] * np.array([width, height], np.float64)
+    conf = kp[..., 2]
+    inside = ((kp[..., :2] >= -margin) & (kp[..., :2] <= 1 + margin)).all(-1)
+    present = (conf >= min_confidence) & inside
+    hip, has_hip = _masked_mid(xy, present, (LEFT_HIP, RIGHT_HIP))
+    shoulder, has_shoulder = _masked_mid(xy, present, (LEFT_SHOULDER, RIGHT_SHOULDER))
+    torso = np.where(has_hip & has_shoulder, np.linalg.norm(shoulder - hip, axis=-1), np.nan)
+    torso[~(torso >= max(min_torso * height, 1e-9))] = np.nan
+    seen = np.isfinite(torso)
+    median = np.array(  # (P,): each person's median visible torso; NaN for one never seen whole
+        [np.median(torso[seen[:, p], p]) if seen[:, p].any() else np.nan for p in range(torso.shape[1])]
+    )
+    scale = np.where(np.isfinite(torso), torso, median[None])
+    centre = np.where(has_hip[..., None], hip, shoulder)
+    valid = (has_hip | has_shoulder) & np.isfinite(scale)  # (T, P)
+    valid &= valid.sum(0, keepdims=True) >= min_frames
+    return UsableJoints(xy, conf, present, valid, centre, scale)
+
+
 def skeleton_rows(
     keypoints: np.ndarray,
     width: int,
@@ -481,35 +561,21 @@ def skeleton_rows(
     more than ``margin`` of its size): pose nets extrapolate unseen joints,
     and a "person" whose hips lie below the image is usually a false
     detection. A torso shorter than ``min_torso`` of the frame height counts
-    as not visible, since joints of such small figures are mostly noise, and
-    a person with fewer than ``min_frames`` usable frames gives no rows (a
-    one-frame "person" is far more often a false detection than an action).
+    as not visible, since joints of such small figures are mostly noise
+    (MediaPipe draws a whole skeleton on a pair of feet at a frame's edge),
+    and a person with fewer than ``min_frames`` usable frames gives no rows
+    (a one-frame "person" is far more often a false detection than an action).
     """
-    kp = np.asarray(keypoints, np.float64)
-    xy = kp[..., :2] * np.array([width, height], np.float64)
-    conf = kp[..., 2]
-    inside = ((kp[..., :2] >= -margin) & (kp[..., :2] <= 1 + margin)).all(-1)
-    present = (conf >= min_confidence) & inside
-    hip, has_hip = _masked_mid(xy, present, (LEFT_HIP, RIGHT_HIP))
-    shoulder, has_shoulder = _masked_mid(xy, present, (LEFT_SHOULDER, RIGHT_SHOULDER))
-    torso = np.where(has_hip & has_shoulder, np.linalg.norm(shoulder - hip, axis=-1), np.nan)
-    torso[~(torso >= max(min_torso * height, 1e-9))] = np.nan
-    seen = np.isfinite(torso)
-    median = np.array(  # (P,): each person's median visible torso; NaN for one never seen whole
-        [np.median(torso[seen[:, p], p]) if seen[:, p].any() else np.nan for p in range(torso.shape[1])]
-    )
-    scale = np.where(np.isfinite(torso), torso, median[None])
-    centre = np.where(has_hip[..., None], hip, shoulder)
-    valid = (has_hip | has_shoulder) & np.isfinite(scale)  # (T, P)
-    valid &= valid.sum(0, keepdims=True) >= min_frames
-    safe = np.where(valid, scale, 1.0)[..., None, None]
-    pos = np.where(present[..., None], (xy - centre[..., None, :]) / safe, 0.0)
+    u = usable_joints(keypoints, width, height, min_confidence, min_torso, min_frames, margin)
+    xy, present, valid = u.xy, u.present, u.valid
+    safe = np.where(valid, u.scale, 1.0)[..., None, None]
+    pos = np.where(present[..., None], (xy - u.centre[..., None, :]) / safe, 0.0)
     vel = np.zeros_like(pos)
-    if len(kp) > 1:
+    if len(xy) > 1:
         dt = np.maximum(np.diff(np.asarray(timestamps, np.float64)), 1e-6)[:, None, None, None]
         both = present[1:] & present[:-1] & valid[1:, :, None] & valid[:-1, :, None]
         vel[1:] = np.where(both[..., None], (xy[1:] - xy[:-1]) / safe[1:] / dt, 0.0)
-    rows = np.concatenate([pos, vel, np.where(present, conf, 0.0)[..., None]], -1)  # (T, P, 17, 5)
+    rows = np.concatenate([pos, vel, np.where(present, u.conf, 0.0)[..., None]], -1)  # (T, P, 17, 5)
     t_idx, p_idx = np.nonzero(valid)
     return rows[t_idx, p_idx].reshape(len(t_idx), ROW_DIM), t_idx
 
@@ -524,8 +590,8 @@ def skeleton_descriptor(
 
 @dataclass
 class SkeletonConfig:
-    fps: float | None = 30.0  # an upper bound; Kinetics-skeleton is 30 frames/s
-    short_side: int | None = 480  # the pose nets resize internally; this bounds decoding cost
+    fps: float | None = DETECTION_FPS  # an upper bound; 30 for ST-GCN, trained on 30 frames/s
+    short_side: int | None = SHORT_SIDE  # the pose nets resize to 256 internally; this bounds decoding
     backend: dict[str, Any] = field(default_factory=dict)  # name=mediapipe|ultralytics|mmpose and options
     people: int = 2  # the main people kept, by box size × duration
     min_confidence: float = 0.3  # joints below it (or outside the frame) are missing
@@ -544,7 +610,9 @@ class SkeletonConfig:
 class Skeleton(Extractor):
     """Tracked COCO-17 keypoints of the main people, and a weight-free multi-moment skeleton descriptor."""
 
-    version = "1"
+    weights = "pretrained"
+    in_default_set = True
+    version = "2"  # 2: MediaPipe finds a second person (passes)
     Config = SkeletonConfig
 
     def __init__(self, config: SkeletonConfig | None = None) -> None:
@@ -606,7 +674,7 @@ class Skeleton(Extractor):
             per_frame.extend(self.backend.estimate(batch.frames, boxes))
             times.append(batch.timestamps)
         if self.backend.needs_boxes:
-            _check_same_frames(inputs[c.person_boxes], len(per_frame), c.person_boxes, video.path)
+            check_same_frames(inputs[c.person_boxes], len(per_frame), c.person_boxes, video.path, self.name)
         tracks = (
             track_people(per_frame, c.iou_threshold, c.max_gap)
             if self.backend.multi_person
@@ -621,6 +689,10 @@ class Skeleton(Extractor):
             "frames": len(per_frame),
             "width": width,
             "height": height,
+            # The rules that made the rows, so odf.pose boxes the same person-frames.
+            "min_confidence": c.min_confidence,
+            "min_torso": c.min_torso,
+            "min_frames": c.min_frames,
             "tracks": len(tracks),
             "frames_with_person": int(len(np.unique(frames))),
             "layout": "coco17",
@@ -634,14 +706,65 @@ class Skeleton(Extractor):
         return Result({"descriptor": descriptor, "keypoints": keypoints}, attrs=attrs)
 
 
-def _check_same_frames(result: Result, frames: int, name: str, path: str) -> None:
-    """Top-down boxes are matched by frame index, so both extractors must sample the same frames."""
-    theirs = int(result.attrs.get("frames", frames))
-    if theirs != frames:
-        raise ConfigError(
-            f"{path}: {name} has boxes for {theirs} frames but pose.skeleton sampled {frames}; "
-            f"give both the same fps (options.{name}.fps = options.pose.skeleton.fps)"
-        )
+# ---------------------------------------------------------------- person boxes for odf.pose
+
+
+@dataclass
+class PoseKeypointsConfig:
+    source: str = "pose.skeleton"  # the extractor whose stored keypoints are boxed
+    pad: float = 0.1  # the joints' extent grown by this fraction a side (joints lie inside the body)
+
+
+@DETECTORS.register("pose_keypoints")
+class PoseKeypointBoxes(Detector):
+    """Person boxes from a pose extractor's stored skeletons: pose runs once, for both streams.
+
+    A box is drawn on exactly the person-frames that make skeleton rows
+    (``usable_joints`` with the pose extractor's own thresholds, read from
+    its result), around the present joints; its score is their mean
+    confidence. Frames are matched by index, so ``odf.pose`` must sample
+    like ``pose.skeleton`` (``ODFExtractor`` checks the counts).
+    """
+
+    Config = PoseKeypointsConfig
+    label_range = "pose_person"
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.config.source,)
+
+    def reset(self, inputs: Mapping[str, Any] | None = None) -> None:
+        self._frame = 0
+        result = (inputs or {}).get(self.config.source)
+        if result is None or "keypoints" not in result.arrays:
+            self._boxes: dict[int, list[tuple[np.ndarray, float]]] = {}
+            return
+        keypoints, a = result.arrays["keypoints"], result.attrs
+        u = usable_joints(
+            keypoints, int(a["width"]), int(a["height"]),
+            float(a["min_confidence"]), float(a["min_torso"]), int(a["min_frames"]),
+        )  # fmt: skip
+        self._boxes = {}
+        for t, p in zip(*np.nonzero(u.valid), strict=True):
+            joints = np.asarray(keypoints[t, p, u.present[t, p], :2], np.float32)
+            if len(joints) >= 2:
+                box = landmark_box(joints, self.config.pad)
+                self._boxes.setdefault(int(t), []).append((box, float(u.conf[t, p, u.present[t, p]].mean())))
+
+    def detect(self, frames: np.ndarray) -> list[Detections]:
+        slot = LABEL_RANGES["pose_person"][0]
+        out = []
+        for t in range(self._frame, self._frame + len(frames)):
+            found = self._boxes.get(t, [])
+            if not found:
+                out.append(Detections.empty())
+                continue
+            boxes = np.stack([b for b, _ in found])
+            out.append(
+                Detections(boxes, np.array([sc for _, sc in found], np.float32), np.full(len(found), slot))
+            )
+        self._frame += len(frames)
+        return out
 
 
 # ---------------------------------------------------------------- ST-GCN (the paper's GSF)
@@ -786,6 +909,7 @@ class STGCNConfig:
 class STGCNFeatures(Extractor):
     """The paper's GSF: ST-GCN (Kinetics-skeleton) scores on the tracked skeletons, 400-d."""
 
+    weights = "checkpoint"
     version = "1"
     Config = STGCNConfig
 

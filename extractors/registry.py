@@ -19,7 +19,7 @@ def list_extractors(pattern: str = "*") -> list[str]:
 
 
 def default_extractors() -> list[str]:
-    """The weight-free set ``extractors=default`` expands to."""
+    """The set ``extractors=default`` expands to: what runs on a fresh machine, with no download."""
     return [n for n in EXTRACTORS.names() if EXTRACTORS.get(n).in_default_set]
 
 

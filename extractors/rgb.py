@@ -37,6 +37,7 @@ class RGBFeaturesConfig:
 class RGBFeatures(Extractor):
     """X_rgb of a frozen backbone: `x_rgb` (clips, C, T′) per video."""
 
+    weights = "checkpoint"
     version = "1"
     Config = RGBFeaturesConfig
 

@@ -7,8 +7,10 @@ I the 16×16 "intensity gist" of the map. A video's frames are pooled by
 the same multi-moment construction as ODF (n† = 3) and SigmE.
 
 Backends: OpenCV contrib's spectral-residual and fine-grained (static) and
-Bin Wang's motion saliency (temporal) are weight-free; ``sdf.deep`` loads a
-user's TorchScript or ONNX saliency net (e.g. an exported ACLNet or MNL).
+Bin Wang's motion saliency (temporal) are weight-free; ``sdf.person`` runs
+MediaPipe's pretrained person segmentation from the mediapipe wheel;
+``sdf.deep`` loads a user's TorchScript or ONNX saliency net (e.g. an
+exported ACLNet or MNL).
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
-from extractors.base import MOTION_FPS, Extractor, FrameSpec, Needs, OutputSpec, Result, VideoInput
+from extractors.base import (
+    DETECTION_FPS,
+    MOTION_FPS,
+    Extractor,
+    FrameSpec,
+    Needs,
+    OutputSpec,
+    Result,
+    VideoInput,
+)
 from extractors.encoders import (
     check_power_norm,
     multi_moment_pool,
@@ -283,6 +294,48 @@ class DeepSaliency(SaliencyBackend):
         return {"weights": self._hash}
 
 
+@dataclass
+class PersonSegmentationConfig:
+    model_selection: int = 0  # 0: the general model (256x256 input), 1: landscape (144x256)
+
+
+@SALIENCY.register("person_segmentation")
+class PersonSegmentation(SaliencyBackend):
+    """MediaPipe's selfie (person) segmentation as a saliency map: P(person) per pixel.
+
+    Pretrained and shipped in the mediapipe wheel. Where the paper's
+    saliency nets learnt where people look, this says where the people
+    are, which is what an action's actors are; Eq. 17 then describes the
+    map's shape and position like any other saliency map.
+    """
+
+    Config = PersonSegmentationConfig
+
+    def setup(self) -> None:
+        from extractors.mediapipe_nets import new_graph, solution, warm_up
+
+        if self.config.model_selection not in (0, 1):
+            raise ConfigError("saliency backend person_segmentation: model_selection must be 0 or 1")
+        segmentation = solution("selfie_segmentation", "saliency backend person_segmentation")
+
+        def factory():
+            return segmentation.SelfieSegmentation(model_selection=self.config.model_selection)
+
+        warm_up(factory)
+        self._graph = new_graph(factory)
+
+    def maps(self, frames: np.ndarray) -> np.ndarray:
+        from extractors.mediapipe_nets import process_frames
+
+        found = process_frames(self._graph, frames)
+        return np.stack([np.clip(f.segmentation_mask, 0.0, 1.0).astype(np.float32) for f in found])
+
+    def provenance(self) -> dict[str, Any]:
+        from extractors.mediapipe_nets import mediapipe_version
+
+        return {"weights": f"mediapipe-{mediapipe_version()}-selfie-{self.config.model_selection}"}
+
+
 # ---------------------------------------------------------------- extractors
 
 
@@ -395,10 +448,48 @@ class MotionSDF(SDFExtractor):
     in_default_set = True
 
 
+@dataclass
+class PersonSDFConfig(SDFConfig):
+    # The detectors' rate, not the other saliency models': a person mask moves with
+    # the person, as a box does (extractors.base, DETECTION_FPS).
+    fps: float | None = DETECTION_FPS
+    # A frame shows a person when at least this fraction of its map is >= 0.5; a video
+    # in which no frame does is flagged no_person rather than stored as empty maps.
+    min_person_area: float = 0.01
+
+
+@register("sdf.person")
+class PersonSDF(SDFExtractor):
+    """SDF from MediaPipe's pretrained person segmentation (in the wheel); in the default set."""
+
+    Config = PersonSDFConfig
+    backend = "person_segmentation"
+    in_default_set = True
+    weights = "pretrained"
+
+    def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
+        c = self.config
+        vectors, small, person_frames, frames = [], [], 0, 0
+        for batch in video.frames(self.needs().frames, chunk=c.chunk):
+            maps = self.saliency.maps(batch.frames)
+            person_frames += int(((maps >= 0.5).mean((1, 2)) >= c.min_person_area).sum())
+            frames += len(maps)
+            vectors.append(frame_vectors(maps, c.sigma_orientation, c.sigma_space))
+            if c.store_maps:
+                s = c.store_maps
+                small += [cv2.resize(m, (s, s), interpolation=cv2.INTER_AREA) for m in maps]
+        attrs = {"saliency": self.saliency.name, "person_frames": person_frames, **self.saliency.provenance()}
+        if frames and not person_frames:
+            reason = f"no frame of {frames} has {c.min_person_area:.0%} of its pixels on a person"
+            return Result(flags={"no_person": reason}, attrs={"frames": frames, **attrs})
+        return self._pooled(video, vectors, small, attrs)
+
+
 @register("sdf.deep")
 class DeepSDF(SDFExtractor):
     """SDF from a user's TorchScript/ONNX saliency net (e.g. an exported ACLNet or MNL)."""
 
+    weights = "checkpoint"
     backend = "deep"
 
 

@@ -43,3 +43,37 @@ def add_to_manifest(data_root: Path, files: dict[str, Path], label: str = "ball_
         for name, path in files.items():
             rel = os.path.relpath(path, data_root / "demo")
             writer.writerow([name, rel, label, "train", "?"])
+
+
+@pytest.fixture(scope="session")
+def real_set(tmp_path_factory) -> dict[str, Path]:
+    """The eight real clips (``../shared/data/real-clips``) as a folder dataset, extracted once.
+
+    <root>/videos/<class>/ holds links to the clips, a splits file fixes the
+    splits, and the default set runs as a user would run it (flow kept as
+    uint8 so its frame size can be read, person maps kept so they can be
+    compared with the skeletons). Skips, with the reason, without the clips.
+    """
+    from pipelines.cli import main
+    from tests.helpers import CLIPS
+
+    if not CLIPS.is_dir():
+        pytest.skip(f"the real clips are not at {CLIPS}")
+    people = {"kinetics_arm_wrestling", "ava_style_6fps", "people_426x240_2997fps", "mpeg4_mp3_audio"}
+    root = tmp_path_factory.mktemp("real")
+    rows = ["path,split"]
+    for clip in sorted(CLIPS.iterdir()):
+        if clip.suffix not in (".mp4", ".avi"):
+            continue
+        cls = "people" if clip.stem in people else "scene"
+        (root / "videos" / cls).mkdir(parents=True, exist_ok=True)
+        (root / "videos" / cls / clip.name).symlink_to(clip)
+        split = "train" if clip.stem in ("short_32_frames", "kinetics_arm_wrestling") else "val"
+        rows.append(f"{cls}/{clip.name},{split}")
+    (root / "splits.csv").write_text("\n".join(rows) + "\n")
+    definition = root / "real.yaml"
+    definition.write_text(f"name: real\nformat: folder\nroot: {root}\nsplits: splits.csv\n")
+    store = root / "features"
+    args = [f"dataset={definition}", f"out={store}", "workers=0", "progress=false"]
+    assert main(["extract", *args, "options.flow.store=uint8", "options.sdf.person.store_maps=64"]) == 0
+    return {"root": root, "definition": definition, "store": store, "args": args}

@@ -24,6 +24,9 @@ from extractors.base import Extractor, FrameSpec, Needs, OutputSpec, Resources, 
 from extractors.registry import register
 from pipelines.encode import write_audio_only, write_video
 
+# Eight real Apache-2.0 clips kept beside the project (../shared); tests that use them skip without.
+CLIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-clips"
+
 CALLS_ENV = "HALLUCINATE_TEST_CALLS"
 CRASH_ENV = "HALLUCINATE_TEST_CRASH"
 FAIL_ENV = "HALLUCINATE_TEST_FAIL"
@@ -221,6 +224,8 @@ def deep_extractor_options(folder: Path) -> dict[str, dict]:
             "device": "cpu",
         },
     }
+    # odf.pose boxes pose.skeleton's people frame by frame, so it samples like it.
+    options["odf.pose"] = {"fps": 4.0}
     options["pose.stgcn"] = {"weights": str(save_stgcn(folder / "st_gcn.kinetics.pt")), "device": "cpu"}
     options["odf.yolo"] = {
         "fps": 2.0,

@@ -81,6 +81,11 @@ def test_extractors_listing(capsys):
     assert main(["extractors"]) == 0
     out = capsys.readouterr().out
     assert "audio.logmel (default)" in out and "stats[372]" in out
+    # Each entry says what it runs: a model shipped in a package, a heuristic, or a checkpoint's.
+    lines = out.splitlines()
+    runs = {line.split()[0]: lines[i + 2] for i, line in enumerate(lines) if not line.startswith(" ")}
+    assert "pretrained model" in runs["odf.face"] and "pretrained model" in runs["pose.skeleton"]
+    assert "heuristic" in runs["odf.motion"] and "checkpoint" in runs["odf.fasterrcnn"]
 
 
 def test_slurm_cluster_uses_the_jobqueue_options():

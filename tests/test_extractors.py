@@ -55,6 +55,12 @@ def test_declared_schema(name, broken, deep_options):
     ex: Extractor = create_extractor(name, **deep_options.get(name, {}))
     assert dataclasses.is_dataclass(ex.Config) and ex.version
     result = run(name, broken["good"], options=deep_options)
+    if result.flags and not result.arrays:
+        # A legitimate absence: the generated clip has no people. Only the pretrained
+        # person models may report one here; tests/test_pretrained.py checks their
+        # schema on real clips with people in them.
+        assert ex.weights == "pretrained", (name, result.flags)
+        pytest.skip(f"{name} found nothing in a generated clip ({result.flags}); see test_pretrained.py")
     produced = ex.produces()
     assert set(result.arrays) == set(produced), "outputs must match produces()"
     for key, spec in produced.items():

@@ -11,17 +11,17 @@ where ``../shared`` is absent; CI has it.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from extractors import default_extractors
 from extractors.base import DETECTION_FPS, MOTION_FPS, SHORT_SIDE, FrameSpec
 from pipelines.cli import main
 from pipelines.decode import iter_frames
 from pipelines.store import TIMESTAMPS, ShardReader
+from tests.helpers import CLIPS
 
-CLIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-clips"
 pytestmark = pytest.mark.skipif(not CLIPS.is_dir(), reason=f"the real clips are not at {CLIPS}")
 
 # The manifest's facts (ffprobe): native size and rate of each clip.
@@ -35,30 +35,6 @@ NATIVE = {
     "ntu_rgbd_1080p_drink_water": ((1920, 1080), 30.0),
     "person_1080p_skeleton_demo": ((1920, 1080), 2160 / 77),
 }
-PEOPLE = {"kinetics_arm_wrestling", "ava_style_6fps", "people_426x240_2997fps", "mpeg4_mp3_audio"}
-
-
-@pytest.fixture(scope="module")
-def real_set(tmp_path_factory) -> dict[str, Path]:
-    """The clips as <root>/videos/<class>/ (links), a definition that fixes the splits, and
-    one extraction of the default set (flow kept as uint8, so its frame size can be read)."""
-    root = tmp_path_factory.mktemp("real")
-    rows = ["path,split"]
-    for clip in sorted(CLIPS.iterdir()):
-        if clip.suffix not in (".mp4", ".avi"):
-            continue
-        cls = "people" if clip.stem in PEOPLE else "scene"
-        (root / "videos" / cls).mkdir(parents=True, exist_ok=True)
-        (root / "videos" / cls / clip.name).symlink_to(clip)
-        split = "train" if clip.stem in ("short_32_frames", "kinetics_arm_wrestling") else "val"
-        rows.append(f"{cls}/{clip.name},{split}")
-    (root / "splits.csv").write_text("\n".join(rows) + "\n")
-    definition = root / "real.yaml"
-    definition.write_text(f"name: real\nformat: folder\nroot: {root}\nsplits: splits.csv\n")
-    store = root / "features"
-    args = [f"dataset={definition}", f"out={store}", "workers=0", "progress=false"]
-    assert main(["extract", *args, "options.flow.store=uint8"]) == 0
-    return {"root": root, "definition": definition, "store": store}
 
 
 def test_every_clip_gets_every_default_descriptor(real_set):
@@ -66,7 +42,7 @@ def test_every_clip_gets_every_default_descriptor(real_set):
     assert sorted(reader.video_ids) == sorted(NATIVE)
     for vid in NATIVE:
         statuses = {name: reader.entry(vid, name).status for name in reader.extractors(vid)}
-        assert set(statuses) >= {"flow", "off.hofmbh", "odf.hog", "odf.motion", "sdf.motion", "audio.logmel"}
+        assert set(statuses) >= set(default_extractors())
         failed = {
             name: reader.entry(vid, name).attrs.get("error") for name, s in statuses.items() if s == "failed"
         }
@@ -95,7 +71,7 @@ def test_timestamps_follow_each_clips_own_rate(real_set):
     names = {p.stem: p.name for p in CLIPS.iterdir()}
     for vid, (_, rate) in NATIVE.items():
         flow_t = reader.get(vid, f"flow/{TIMESTAMPS}")
-        odf_t = reader.get(vid, f"odf.hog/{TIMESTAMPS}")
+        odf_t = reader.get(vid, f"odf.motion/{TIMESTAMPS}")
         native = np.concatenate(
             [b.timestamps for b in iter_frames(CLIPS / names[vid], FrameSpec(size=(16, 16)))]
         )
