@@ -113,6 +113,7 @@ bench: install
 	$(BIN)/python -m benchmarks.bench_saliency
 	$(BIN)/python -m benchmarks.bench_motion
 	$(BIN)/python -m benchmarks.bench_pose_audio
+	$(BIN)/python -m benchmarks.bench_real
 
 lint: install
 	$(BIN)/ruff check .

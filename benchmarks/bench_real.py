@@ -7,7 +7,12 @@ The clips are the eight real ones in ``../shared/data/real-clips`` (340x256 to
 measurement runs in a fresh child process (``--child``) pinned to its cores,
 so its peak RSS is its own and a previous run's caches do not help it.
 
-    python -m benchmarks.bench_real [--clips DIR] [--long-frames 600] [--repeats 1]
+    python -m benchmarks.bench_real [--clips DIR] [--long-frames 600] [--extractors default]
+
+``--extractors`` takes what ``hallucinate extract extractors=`` takes (a
+comma-separated list, ``default`` for the default set), to time another
+set, such as the default set before its pretrained streams:
+``--extractors audio.logmel,flow,off.hofmbh,odf.motion,odf.hog,sdf.motion,sdf.spectral_residual``.
 
 The long clip for the memory figure is made here: the 1080p NTU clip looped to
 ``--long-frames`` frames (H.264, 30 frames/s), with a 1-loop clip as control.
@@ -47,7 +52,7 @@ def native_frames(path: Path) -> int:
         return sum(1 for _ in container.decode(container.streams.video[0]))
 
 
-def child(paths: list[str], workers: int) -> dict:
+def child(paths: list[str], workers: int, extractors: list[str]) -> dict:
     """One extraction of the default set over ``paths``; its figures as JSON-able values.
 
     With workers, a LocalCluster is started and warmed up on the first clip
@@ -63,7 +68,7 @@ def child(paths: list[str], workers: int) -> dict:
     from pipelines.datasets import VideoRecord
     from pipelines.orchestrate import ClusterOptions, run_extraction
 
-    specs = resolve_extractors(["default"], {})
+    specs = resolve_extractors(extractors, {})
     records = [VideoRecord(Path(p).stem, p, (0,), "train") for p in paths]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         options, shard_size = ClusterOptions(workers=0, threads=1), None
@@ -92,9 +97,10 @@ def child(paths: list[str], workers: int) -> dict:
     }
 
 
-def run_child(paths: list[Path], workers: int, cores: str) -> dict:
+def run_child(paths: list[Path], workers: int, cores: str, extractors: str) -> dict:
     """``child`` in a fresh interpreter pinned to ``cores`` (taskset's list syntax)."""
-    cmd = ["taskset", "-c", cores, sys.executable, "-m", "benchmarks.bench_real", "--child", str(workers)]
+    cmd = ["taskset", "-c", cores, sys.executable, "-m", "benchmarks.bench_real", "--extractors", extractors]
+    cmd += ["--child", str(workers)]
     out = subprocess.run([*cmd, *map(str, paths)], capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"child failed:\n{out.stderr[-3000:]}")
@@ -134,10 +140,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=Path, default=CLIPS)
     parser.add_argument("--long-frames", type=int, default=600)
+    parser.add_argument("--extractors", default="default", help="extractors=... of hallucinate extract")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[1:], int(args.child[0]))))
+        print(json.dumps(child(args.child[1:], int(args.child[0]), args.extractors.split(","))))
         return
     if not args.clips.is_dir():
         raise SystemExit(f"{args.clips} not found: the real clips live in shared/data/real-clips")
@@ -145,23 +152,24 @@ def main() -> None:
     frames = {v.name: native_frames(v) for v in videos}
     total = sum(frames.values())
 
-    one = run_child(videos, 0, "0")
+    one = run_child(videos, 0, "0", args.extractors)
     rows = [
         [name, round(sec, 2), round(total / sec, 1)]
         for name, sec in sorted(one["seconds"].items())
         if sec > 0
     ]
-    rows.append(["whole default set (wall)", round(one["wall"], 2), round(total / one["wall"], 1)])
+    rows.append(["whole set (wall)", round(one["wall"], 2), round(total / one["wall"], 1)])
     print_table(
-        f"Default set, one core (workers=0 threads=1), {len(videos)} real clips, {total} frames "
-        "at native size (an extractor's seconds include the decode of the samplings it asks for first)",
+        f"Extractors {args.extractors}, one core (workers=0 threads=1), {len(videos)} real clips, "
+        f"{total} frames at native size (an extractor's seconds include the decode of the "
+        "samplings it asks for first)",
         ["extractor", "seconds", "video frames/s"],
         rows,
     )
     if one["failed"]:
         print(f"failed: {one['failed']}")
 
-    two = run_child(videos, 2, "0,1")
+    two = run_child(videos, 2, "0,1", args.extractors)
     print_table(
         "Default set, two dask workers (threads=1 each) on two cores, one video a shard, cluster warmed up",
         ["workers", "wall (s)", "video frames/s", "frames/s per core"],
@@ -176,7 +184,8 @@ def main() -> None:
         rows = []
         for name in HD:
             small = prescaled(args.clips / name, tmp / f"small_{Path(name).stem}.mp4")
-            native, scaled = run_child([args.clips / name], 0, "0"), run_child([small], 0, "0")
+            native = run_child([args.clips / name], 0, "0", args.extractors)
+            scaled = run_child([small], 0, "0", args.extractors)
             rows.append(
                 [
                     name,
@@ -199,7 +208,7 @@ def main() -> None:
             ("1 loop", short_clip, frames[NTU]),
             (f"{reps} loops", long_clip, frames[NTU] * reps),
         ]:
-            result = run_child([clip], 0, "0")
+            result = run_child([clip], 0, "0", args.extractors)
             rows.append(
                 [
                     label,
