@@ -87,10 +87,20 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def loader(ds: ClipDataset, batch_size: int, workers: int, shuffle: bool = False) -> DataLoader:
+    """Batches of ``ds``; a shuffled (training) loader never ends on a batch of one clip.
+
+    BatchNorm in training mode cannot normalise one value per channel, so
+    17 training videos at ``batch_size=16`` stopped every epoch with
+    "Expected more than 1 value per channel". Such an epoch drops its last,
+    single clip instead; the shuffle makes it a different clip each epoch.
+    Evaluation loaders keep every clip (BatchNorm uses its running
+    statistics there).
+    """
     return DataLoader(
         ds,
         batch_size=batch_size,
         shuffle=shuffle,
+        drop_last=shuffle and len(ds) % batch_size == 1,
         num_workers=workers,
         persistent_workers=workers > 0,
         worker_init_fn=_seed_worker if workers > 0 else None,
