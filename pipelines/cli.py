@@ -52,6 +52,21 @@ class ExtractConfig:
     jobqueue: dict[str, Any] = field(default_factory=dict)  # dask-jobqueue cluster arguments
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Refuses counts that would otherwise mean something else quietly: ``limit=-1`` was
+        Python's "all but the last", ``shard_size=0`` "automatic", and ``workers=-1`` a
+        cluster of no workers that waited for ever."""
+        bounds = {
+            "limit": (self.limit, 0, "leave it unset for every video"),
+            "shard_size": (self.shard_size, 1, "leave it unset for 4-64 videos a shard"),
+            "workers": (self.workers, 0, "0 runs in this process; leave it unset for one per core"),
+            "threads": (self.threads, 1, "leave it unset for cores / workers"),
+            "max_attempts": (self.max_attempts, 1, "1 never retries a failed video"),
+        }
+        for key, (value, least, hint) in bounds.items():
+            if value is not None and value < least:
+                raise ConfigError(f"{key}={value}: give at least {least} ({hint})")
+
 
 @dataclass
 class RepoolConfig(ExtractConfig):
@@ -273,8 +288,6 @@ def cmd_extract(cfg: ExtractConfig) -> int:
         file=sys.stderr,
     )
     print(split_counts(dataset.classes, records), file=sys.stderr)
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"threads={cfg.threads}: give at least 1, or leave it unset (cores / workers)")
     options = ClusterOptions(cfg.workers, cfg.scheduler, cfg.cluster, dict(cfg.jobqueue), threads=cfg.threads)
     summary = run_extraction(
         records,
