@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from pipelines.config import config_from_mapping, to_plain
+from pipelines.errors import HallucinateError
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,26 @@ DETECTION_FPS = 5.0
 # model that needs a checkpoint (random weights until one is given), or a
 # descriptor derived from another extractor's stored output.
 WEIGHTS_KINDS = ("pretrained", "heuristic", "checkpoint", "derived")
+
+
+# The flag of a video too short for an extractor (flow needs two frames): a named,
+# final condition like ``no_audio``, never retried, masked by the trainer.
+TOO_FEW_FRAMES = "too_few_frames"
+
+
+class FlaggedInput(HallucinateError):
+    """An extractor's input is flagged (absent for a reason), so its own result is too.
+
+    Raised by readers of another extractor's arrays (``flow_input``); the
+    runner stores the input's flags as this extractor's flagged result, so
+    one 1-frame clip gives ``too_few_frames`` in flow and in everything that
+    reads flow, and none of them is recorded as a failure.
+    """
+
+    def __init__(self, source: str, flags: Mapping[str, str]) -> None:
+        self.source = source
+        self.flags = dict(flags)
+        super().__init__(f"{source} is flagged: " + "; ".join(f"{k}: {v}" for k, v in self.flags.items()))
 
 
 @dataclass(frozen=True)

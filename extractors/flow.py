@@ -33,7 +33,9 @@ import numpy as np
 from extractors.base import (
     MOTION_FPS,
     SHORT_SIDE,
+    TOO_FEW_FRAMES,
     Extractor,
+    FlaggedInput,
     FrameSpec,
     Needs,
     OutputSpec,
@@ -423,7 +425,7 @@ class Flow(Extractor):
             elif self.config.store == "uint8":
                 kept.append(quantise_flow(chunk, self.config.clip))
         if not len(flow):
-            raise ValueError(f"{video.path}: fewer than two frames were decoded, so there is no flow")
+            return Result(flags={TOO_FEW_FRAMES: "fewer than two frames were sampled; flow needs a pair"})
         attrs = {"backend": self.backend.name, "clip": self.config.clip, **self.backend.provenance()}
         arrays = {"stats": np.concatenate(stats).astype(np.float32)}
         if kept:
@@ -438,6 +440,8 @@ def flow_input(inputs: Mapping[str, Result], name: str, path: str) -> np.ndarray
     result = inputs[name]
     if "flow" in result.transient:
         return result.transient["flow"]
+    if result.flags and not result.arrays:
+        raise FlaggedInput(name, result.flags)
     try:
         return stored_flow(result)
     except ConfigError:

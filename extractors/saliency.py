@@ -29,6 +29,7 @@ import numpy as np
 from extractors.base import (
     DETECTION_FPS,
     MOTION_FPS,
+    TOO_FEW_FRAMES,
     Extractor,
     FrameSpec,
     Needs,
@@ -414,7 +415,7 @@ class SDFExtractor(Extractor):
         c = self.config
         per_frame = np.concatenate(vectors) if vectors else np.zeros((0, FRAME_DIM))
         if not len(per_frame):
-            raise ValueError(f"{video.path}: no frames were decoded, so there is no saliency to pool")
+            return Result(flags={TOO_FEW_FRAMES: "no frame was sampled"}, attrs={"frames": 0, **attrs})
         pooled = multi_moment_pool(per_frame, np.arange(len(per_frame)), c.n_vectors)
         arrays = {
             "descriptor": power_normalise(pooled, c.power_norm, **c.power_norm_params).astype(np.float32),

@@ -21,10 +21,12 @@ import numpy as np
 from extractors.base import AudioSpec, AudioTrack, FrameBatch, FrameSpec
 from pipelines.errors import (
     CorruptVideoError,
+    CutShortError,
     EmptyVideoError,
     MissingVideoError,
     NoVideoStreamError,
     TruncatedVideoError,
+    VideoError,
 )
 
 # A stream that stops before this share of its declared duration is truncated.
@@ -50,7 +52,44 @@ def _open(path: str) -> av.container.InputContainer:
     try:
         return av.open(path, metadata_errors="ignore")
     except av.FFmpegError as exc:
-        raise CorruptVideoError(path, str(exc)) from None
+        raise _decode_error(path, str(exc)) from None
+
+
+def cut_short(path: str) -> CutShortError | None:
+    """The error for an ISO-BMFF file (MP4, MOV, M4A) whose last top-level box runs past its end.
+
+    Why: FFmpeg reports a cut-short download as "Invalid data found" (its
+    "moov atom not found" goes to its log, not the exception), the same
+    words as random bytes, so the user would re-encode what must be
+    re-downloaded. Each box header declares its size, so reading the
+    top-level headers (a few seeks) tells a truncated file for certain.
+    """
+    size = os.path.getsize(path)
+    boxes: list[str] = []
+    with open(path, "rb") as fh:
+        offset = 0
+        while offset + 8 <= size:
+            fh.seek(offset)
+            head = fh.read(16)
+            length, box = int.from_bytes(head[:4], "big"), head[4:8].decode("latin-1")
+            if not box.isprintable() or (not boxes and box != "ftyp"):
+                return None  # not ISO-BMFF
+            boxes.append(box)
+            if length == 1 and len(head) == 16:  # a 64-bit size follows
+                length = int.from_bytes(head[8:16], "big")
+            if length == 0:  # "to the end of the file"
+                break
+            if length < 8:
+                return None
+            if offset + length > size:
+                return CutShortError(path, box, size, offset + length, index="moov" in boxes)
+            offset += length
+    return None
+
+
+def _decode_error(path: str, detail: str) -> VideoError:
+    """A decode failure, named as truncation when the file is cut short, else as corrupt."""
+    return cut_short(path) or CorruptVideoError(path, detail)
 
 
 def _video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
@@ -182,7 +221,7 @@ def decode_samplings(
                         yield spec, FrameBatch(np.stack(frames[spec]), np.asarray(stamps[spec]))
                         frames[spec], stamps[spec] = [], []
         except av.FFmpegError as exc:
-            raise CorruptVideoError(path, str(exc)) from None
+            raise _decode_error(path, str(exc)) from None
         if last_time is None:
             raise CorruptVideoError(path, "no decodable video frames")
         for spec in specs:
@@ -332,8 +371,16 @@ def read_audio(path: str | Path, spec: AudioSpec) -> AudioTrack | None:
             for out in resampler.resample(None):
                 parts.append(out.to_ndarray().reshape(-1))
         except av.FFmpegError as exc:
-            raise CorruptVideoError(path, f"audio: {exc}") from None
+            raise _decode_error(path, f"audio: {exc}") from None
+        # The track's own declared length only: the container's includes the video,
+        # which a real file's sound is often a little shorter than.
+        declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
     samples = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    decoded = len(samples) / spec.rate
+    if declared and decoded < TRUNCATION_TOLERANCE * declared:
+        # A cut-short file declares its track and decodes little or none of it: that is
+        # a decode failure to retry after a re-download, not a silent track to mask.
+        raise TruncatedVideoError(path, decoded, declared, stream="audio samples")
     return AudioTrack(samples.astype(np.float32, copy=False), spec.rate)
 
 

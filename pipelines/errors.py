@@ -58,11 +58,26 @@ class CorruptVideoError(VideoError):
 
 
 class TruncatedVideoError(VideoError):
-    def __init__(self, path: str | Path, decoded_s: float, declared_s: float) -> None:
+    """A file cut short: its frames or sound stop early, or its index never arrived."""
+
+    def __init__(self, path: str | Path, decoded_s: float, declared_s: float, stream: str = "frames") -> None:
         super().__init__(
             path,
-            f"truncated: frames stop at {decoded_s:.2f}s of a declared {declared_s:.2f}s",
+            f"truncated: {stream} stop at {decoded_s:.2f}s of a declared {declared_s:.2f}s",
             "The download was probably cut short; re-download the video.",
+        )
+
+
+class CutShortError(VideoError):
+    """An MP4/MOV that ends inside one of its boxes: a download or recording cut short."""
+
+    def __init__(self, path: str | Path, box: str, size: int, declared_end: int, index: bool) -> None:
+        missing = "" if index else "; its index (the moov box, which most encoders write last) is missing"
+        super().__init__(
+            path,
+            f"truncated: the file ends at byte {size:,}, inside its {box!r} box, which runs to byte "
+            f"{declared_end:,}{missing}",
+            "The download (or recording) was cut short; re-download the video.",
         )
 
 
@@ -71,7 +86,8 @@ class NoVideoStreamError(VideoError):
         super().__init__(
             path,
             "has no video stream",
-            "It is probably an audio-only file; remove it from the annotations.",
+            "It is probably an audio-only file: remove it from the annotations (for a folder "
+            "dataset, move it out of the class folders), or list the videos in a splits CSV without it.",
         )
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extractors.base import Extractor, FrameSpec, Result
+from extractors.base import Extractor, FlaggedInput, FrameSpec, Result
 from pipelines.datasets import VideoRecord
 from pipelines.decode import VideoSource
 from pipelines.errors import DiskFullError, HallucinateError, is_disk_full
@@ -238,7 +238,10 @@ def _run_video(
             if dep in results:
                 inputs[dep] = results[dep]
             elif dep_entry is None or dep_entry.status == FAILED:
-                raise HallucinateError(f"{record.path}: {dep!r} failed on it, so {name!r} cannot run")
+                # Its own message, which says what is wrong with the file and the fix.
+                why = dep_entry.attrs.get("error", "") if dep_entry is not None else ""
+                cause = f" ({why.removeprefix(record.path + ': ')})" if why else ""
+                raise HallucinateError(f"{record.path}: {dep!r} failed on it{cause}, so {name!r} cannot run")
             elif extractors[dep].transient_outputs() and dep_entry.status == DONE:
                 # Stored without what dependents read (e.g. flow): recompute in memory, store nothing.
                 t0 = time.perf_counter()
@@ -256,7 +259,10 @@ def _run_video(
         try:
             inputs = inputs_of(name)
             t0 = time.perf_counter()
-            result = extractor.process(video, inputs)
+            try:
+                result = extractor.process(video, inputs)
+            except FlaggedInput as exc:  # e.g. flow of a 1-frame clip: this one is absent too
+                result = Result(flags=exc.flags, attrs={"flagged_input": exc.source})
             report.seconds[name] += time.perf_counter() - t0
             entry = result_entry(extractor, result, video)
         except DiskFullError:

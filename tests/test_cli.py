@@ -416,3 +416,42 @@ def test_threads_default_to_the_cores_each_process_may_use(tiny_demo_root, tmp_p
         assert main(["extract", "threads=0", *args]) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_last_training_batch_of_one_clip_trains(tiny_demo_root, tmp_path):
+    """With N training videos and batch_size=N-1 the last batch holds one clip, which
+    BatchNorm cannot normalise in training mode; video and frozen-feature paths both train."""
+    from hallucinate.run import loader
+    from pipelines.datasets import load_dataset, load_definition, resolve_paths
+
+    defn = load_definition("demo")
+    records = load_dataset(defn, resolve_paths(defn, tiny_demo_root)).records
+    n_train = sum(r.split == "train" for r in records)
+    assert n_train > 2
+    assert len(loader(list(range(n_train)), n_train - 1, 0, shuffle=True)) == 1  # the single clip is left
+    assert len(loader(list(range(n_train)), n_train - 1, 0)) == 2  # evaluation keeps every clip
+    assert len(loader(list(range(n_train)), n_train - 2, 0, shuffle=True)) == 2  # two clips: a batch
+
+    store = tmp_path / "store"
+    rgb = "options.rgb.features"
+    extract = ["extract", f"data_root={tiny_demo_root}", f"out={store}", "workers=0", "progress=false"]
+    extract += ["extractors=audio.logmel,rgb.features", f"{rgb}.frames=8", f"{rgb}.size=32"]
+    extract += [f"{rgb}.short_side=36", f"{rgb}.clips=2", f"{rgb}.backbone_options.width=4"]
+    assert main(extract) == 0
+    common = [f"data_root={tiny_demo_root}", f"features={store}", f"batch_size={n_train - 1}", "epochs=1"]
+    common += ["hidden=16", "d=8", "progress=false", "export=false"]
+    frozen = ["train", *common, f"run={tmp_path / 'frozen'}", "rgb_features=rgb.features/x_rgb"]
+    assert main(frozen) == 0
+    video = ["train", *common, f"run={tmp_path / 'video'}", "frames=8", "size=32", "short_side=36"]
+    assert main([*video, "backbone_options.width=4", "preload=true"]) == 0
+
+
+@pytest.mark.parametrize(
+    "bad", ["limit=-1", "shard_size=0", "workers=-1", "threads=0", "max_attempts=0", "shard_size=-4"]
+)
+def test_counts_that_would_mean_something_else_are_refused(bad, tmp_path, capsys):
+    """limit=-1 used to drop the last video, shard_size=0 meant automatic, workers=-1 hung."""
+    assert main(["extract", bad, f"out={tmp_path}", "data_root=/nonexistent", "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: give at least" in err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
