@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,7 @@ from pipelines.datasets import VideoRecord
 from pipelines.errors import ConfigError, DiskFullError
 from pipelines.process import configure_process, default_threads
 from pipelines.runner import ExtractorPool, ExtractorSpec, ShardJob, ShardReport, process_shard
-from pipelines.store import ShardIndex, append_ledger, read_complete
+from pipelines.store import ShardIndex, append_ledger, read_complete, store_lock
 
 PLUGIN_NAME = "hallucinate-extractors"
 PROGRESS_TOPIC = "hallucinate-progress"
@@ -270,14 +271,31 @@ def run_extraction(
     max_attempts: int = 2,
     compression: str | None = "gzip",
     progress: bool = True,
+    lock_wait: float = 0.0,
 ) -> RunSummary:
     """Brings ``out`` up to date for ``specs`` over ``records``; returns the summary.
 
     Per-video failures are recorded (shard and ledger) and never stop the
     run; a shard whose worker died is reported and resumes on the next run;
-    a full disk stops the run, keeping everything finished so far.
+    a full disk stops the run, keeping everything finished so far. One run
+    at a time holds ``out`` (``store_lock``); another waits ``lock_wait``
+    seconds for it, then stops with who holds it.
     """
     out = Path(out)
+    with store_lock(out, lock_wait, log=lambda text: print(text, file=sys.stderr)):
+        return _run_extraction(records, specs, out, options, shard_size, max_attempts, compression, progress)
+
+
+def _run_extraction(
+    records: Sequence[VideoRecord],
+    specs: Sequence[ExtractorSpec],
+    out: Path,
+    options: ClusterOptions,
+    shard_size: int | None,
+    max_attempts: int,
+    compression: str | None,
+    progress: bool,
+) -> RunSummary:
     started = time.perf_counter()
     jobs, complete = plan_jobs(records, specs, out, shard_size, max_attempts, compression)
     summary = RunSummary(skipped_shards=len(complete))

@@ -21,10 +21,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
+import sys
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ from urllib.parse import quote, unquote
 import h5py
 import numpy as np
 
-from pipelines.errors import DiskFullError, is_disk_full
+from pipelines.errors import DiskFullError, HallucinateError, is_disk_full
 
 FORMAT_VERSION = 2  # 2: the offset table also lists flags
 FLAGGED_TABLE_FORMAT = 2
@@ -509,3 +512,88 @@ class ShardReader:
             for f in self._files.values():
                 f.close()
         self._reset()
+
+
+# ---------------------------------------------------------------- one run per store
+
+LOCK_NAME, HOLDER_NAME = ".lock", ".lock.holder"
+
+
+class StoreBusyError(HallucinateError):
+    """Another run holds the store's lock."""
+
+
+def _holder_text(holder: dict[str, Any]) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')}, started {started} ({holder.get('command', '?')})"
+    )
+
+
+def _alive_here(holder: dict[str, Any]) -> bool | None:
+    """Whether the holder process lives, when it ran on this host; None elsewhere."""
+    if holder.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError):
+        return True
+    return True
+
+
+@contextmanager
+def store_lock(root: str | Path, wait: float = 0.0, log=print) -> Iterator[None]:
+    """Holds ``<root>/.lock`` for one run: the index's load-assign-save and the staging.
+
+    Why: two runs on one folder both did all the work, then crashed each
+    other clearing ``staging/``, and runs over different videos could put
+    different videos in one shard. The lock is ``filelock.FileLock``, an
+    flock(2) lock: the kernel drops it when its process dies, so a killed
+    run never leaves a held lock, and it holds on NFSv4 and Lustre, where
+    clusters keep their stores. ``.lock.holder`` says who holds it, so a
+    second run can say whether the first is alive; one that finds a
+    holder's note but takes the lock says the earlier run was interrupted.
+    A second run waits ``wait`` seconds (0: not at all), then stops.
+    """
+    from filelock import FileLock, Timeout
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    holder_path = root / HOLDER_NAME
+    lock = FileLock(str(root / LOCK_NAME))
+
+    def holder() -> dict[str, Any]:
+        try:
+            return json.loads(holder_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    try:
+        lock.acquire(timeout=wait)
+    except Timeout:
+        who = holder()
+        alive = _alive_here(who)
+        state = {
+            True: "It is alive; wait for it to finish",
+            False: "That process is gone, yet the lock is held: another process inherited it",
+            None: f"Check with `ps -p {who.get('pid')}` on {who.get('host')}",
+        }[alive]
+        raise StoreBusyError(
+            f"{root}: another run holds this store ({_holder_text(who) if who else 'no holder note'}). "
+            f"{state}, re-run with lock_wait=SECONDS to wait for it, or set out=... to another folder."
+        ) from None
+    try:
+        earlier = holder()
+        if earlier and earlier.get("pid") != os.getpid():
+            log(
+                f"note: an earlier run on {root} was interrupted ({_holder_text(earlier)}); resuming its work"
+            )
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        mine["command"] = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]
+        holder_path.write_text(json.dumps(mine))
+        yield
+    finally:
+        holder_path.unlink(missing_ok=True)
+        lock.release()

@@ -174,3 +174,56 @@ def test_an_option_change_recomputes_that_extractor_only(zoo_run, tmp_path, caps
     for name in ("audio.logmel", "sdf.spectral_residual"):
         assert rows[name][1] == "0", rows[name]
     assert json.loads(json.dumps(rows))  # the table parsed
+
+
+def _hold_lock(store: Path, seconds: float):
+    """Another run, as far as the store can tell: a process that holds its lock."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\n"
+        "from pipelines.store import store_lock\n"
+        f"with store_lock({str(store)!r}):\n"
+        "    print('held', flush=True)\n"
+        f"    time.sleep({seconds})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_on_the_same_store_says_who_holds_it_or_waits(zoo_run, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(zoo_run["store"], store)
+    args = [a if not a.startswith("out=") else f"out={store}" for a in zoo_run["args"]]
+    holder = _hold_lock(store, 4)
+    try:
+        capsys.readouterr()
+        assert main(["extract", *args]) == 2
+        err = capsys.readouterr().err
+        assert f"another run holds this store (pid {holder.pid} on" in err and "It is alive" in err
+        assert "lock_wait=" in err
+        before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if not p.name.startswith(".lock")}
+        assert main(["extract", *args]) == 2
+        after = {p: p.stat().st_mtime_ns for p in store.rglob("*") if not p.name.startswith(".lock")}
+        assert after == before  # the refused run touched nothing
+        assert main(["extract", *args, "lock_wait=30"]) == 0  # waits for the holder, then reuses
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_runs_lock_is_not_stale(zoo_run, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(zoo_run["store"], store)
+    args = [a if not a.startswith("out=") else f"out={store}" for a in zoo_run["args"]]
+    holder = _hold_lock(store, 60)
+    holder.kill()  # kill -9: no clean-up ran, its holder note is still there
+    holder.wait()
+    assert (store / ".lock.holder").exists()
+    capsys.readouterr()
+    assert main(["extract", *args]) == 0
+    err = capsys.readouterr().err
+    assert f"an earlier run on {store} was interrupted (pid {holder.pid} on" in err
+    assert not (store / ".lock.holder").exists()
