@@ -51,6 +51,7 @@ class ExtractConfig:
     cluster: str = "local"  # local, slurm, pbs, sge, lsf or htcondor
     jobqueue: dict[str, Any] = field(default_factory=dict)  # dask-jobqueue cluster arguments
     progress: bool = True
+    lock_wait: float = 0.0  # seconds to wait for another run on the same out; 0: stop at once
 
     def __post_init__(self) -> None:
         """Refuses counts that would otherwise mean something else quietly: ``limit=-1`` was
@@ -298,6 +299,7 @@ def cmd_extract(cfg: ExtractConfig) -> int:
         cfg.max_attempts,
         cfg.compression,
         cfg.progress,
+        cfg.lock_wait,
     )
     print(summary.table())
     if summary.failures:
@@ -633,6 +635,7 @@ def cmd_train(cfg: TrainConfig) -> int:
         cfg.fusion,
     )
     run = Path(cfg.run) if cfg.run else Path("runs") / Path(cfg.dataset).stem
+    _refuse_other_settings(run, cfg)
     run.mkdir(parents=True, exist_ok=True)
     from dataclasses import asdict
 
@@ -672,6 +675,49 @@ def cmd_train(cfg: TrainConfig) -> int:
                 path = export(model, clip, run / name / filename)
                 print(f"exported the RGB-only inference model to {path}", file=sys.stderr)
     return 0
+
+
+# Keys that change where, how fast or how long a run goes, never what it has learnt so
+# far: a resumed run may change them (epochs may grow, to train on).
+RESUMABLE_KEYS = frozenset(
+    {"progress", "workers", "threads", "preload", "device", "resume", "export", "export_formats"}
+    | {"run", "features", "data_root", "video_root", "epochs"}
+)
+
+
+def _refuse_other_settings(run: Path, cfg: TrainConfig) -> None:
+    """Resuming a run with settings it was not trained with: names the keys, writes nothing.
+
+    Why: ``make train`` after ``make demo`` resumed ``runs/demo`` with the
+    CLI's defaults instead of the demo's, overwrote its ``config.json``,
+    then failed on a checkpoint that "does not fit this version's model",
+    blaming the version for what the settings did.
+    """
+    import json
+    from dataclasses import asdict
+
+    saved_file = run / "config.json"
+    checkpoints = [run / name / "last.pt" for name in ("model", "baseline")]
+    if not cfg.resume or not saved_file.is_file() or not any(p.is_file() for p in checkpoints):
+        return
+    saved = json.loads(saved_file.read_text())
+    mine = json.loads(json.dumps(asdict(cfg)))
+    differ = {
+        key: (saved[key], value)
+        for key, value in mine.items()
+        if key not in RESUMABLE_KEYS and key in saved and saved[key] != value
+    }
+    if differ:
+        changes = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differ.items())
+        theirs = " ".join(
+            f"{k}={old if isinstance(old, str) else json.dumps(old, separators=(',', ':'))}"
+            for k, (old, _) in differ.items()
+        )
+        raise ConfigError(
+            f"{run} was trained with other settings, so it cannot resume with these ({changes}). "
+            f"Train these settings into a new run= (e.g. run={run}-2), or resume it with its own: "
+            f"{theirs} (resume=false starts it over instead). Nothing in {run} was changed."
+        )
 
 
 EVALUATE_TRAIN_VIDEOS = 2000  # the sample of training videos evaluate measures quality on

@@ -455,3 +455,26 @@ def test_counts_that_would_mean_something_else_are_refused(bad, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"{bad}: give at least" in err
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_resuming_with_other_settings_names_them_and_changes_nothing(tiny_demo_root, tmp_path, capsys):
+    """`make train` after `make demo` used to overwrite runs/demo/config.json, then blame the version."""
+    store, run = tmp_path / "store", tmp_path / "run"
+    common = [f"data_root={tiny_demo_root}", f"features={store}", f"run={run}"]
+    extract = ["extract", f"data_root={tiny_demo_root}", f"out={store}", "workers=0", "progress=false"]
+    assert main([*extract, "extractors=audio.logmel"]) == 0
+    small = ["frames=8", "size=32", "short_side=36", "batch_size=8", "hidden=16", "d=8"]
+    small += ["backbone_options.width=4", "progress=false", "export=false", "baseline=false"]
+    assert main(["train", *common, *small, "epochs=1", "alpha=0.05"]) == 0
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", *common, *small, "epochs=1", "loss=none"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with other settings" in err
+    assert "alpha: 0.05 there, 1.0 now" in err and "loss: 'mse' there, 'none' now" in err
+    own = err.split("resume it with its own: ")[1].split(" (")[0].split()
+    assert sorted(own) == ["alpha=0.05", "loss=mse"] and "into a new run=" in err  # the two ways on
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files  # nothing changed
+    # Its own settings resume it; more epochs and fewer threads are allowed.
+    assert main(["train", *common, *small, "alpha=0.05", "epochs=2", "threads=1"]) == 0
+    assert len((run / "model" / "metrics.jsonl").read_text().splitlines()) == 2
