@@ -368,7 +368,13 @@ class ClipDataset(Dataset):
         """The error of the first video left out, for a message."""
         return next(iter(self.unreadable.values()), "none tried")
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """Item ``key``, or ``(index, draw)`` from ``SeededOrder``: the clip's random start,
+        crop and flip then come from ``draw``, whichever loader worker reads it."""
+        i = key
+        if isinstance(key, tuple):
+            i, draw = key
+            self.rng = np.random.default_rng(draw)
         record = self.records[i]
         span, looped = None, False
         if self.spec.features:  # X_rgb of a frozen backbone: one stored clip, random when training

@@ -86,7 +86,38 @@ def _seed_worker(worker_id: int) -> None:
     info.dataset.reseed(info.seed)
 
 
-def loader(ds: ClipDataset, batch_size: int, workers: int, shuffle: bool = False) -> DataLoader:
+class SeededOrder(torch.utils.data.Sampler):
+    """A training epoch's order, and one random-draw seed per clip, from (seed, epoch) alone.
+
+    Why: each DataLoader worker used to draw clip starts, crops and flips
+    from its own copy of the sampler's generator, so the same seed gave other
+    clips, and other weights, with another number of workers (and so with
+    ``preload``'s choice, which sets it). The draws are made here, in the
+    main process, and each item is ``(index, draw)``: the dataset seeds that
+    clip's sampling from ``draw``, whichever worker reads it. The trainer
+    sets the epoch (``set_epoch``), so a resumed run draws what an
+    uninterrupted one would.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.n)
+        draws = rng.integers(0, 2**63 - 1, self.n)
+        return iter(zip(order.tolist(), draws.tolist(), strict=True))
+
+
+def loader(
+    ds: ClipDataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0
+) -> DataLoader:
     """Batches of ``ds``; a shuffled (training) loader never ends on a batch of one clip.
 
     BatchNorm in training mode cannot normalise one value per channel, so
@@ -99,7 +130,7 @@ def loader(ds: ClipDataset, batch_size: int, workers: int, shuffle: bool = False
     return DataLoader(
         ds,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=SeededOrder(len(ds), seed) if shuffle else None,
         drop_last=shuffle and len(ds) % batch_size == 1,
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -163,7 +194,7 @@ def train_model(
     if resume:
         trainer.resume()
     trainer.fit(
-        loader(splits.train, batch_size, workers, shuffle=True),
+        loader(splits.train, batch_size, workers, shuffle=True, seed=seed),
         loader(splits.val, batch_size, workers),
         progress=progress,
     )

@@ -339,6 +339,8 @@ class Trainer:
         history = []
         metrics_file = self.run_dir / "metrics.jsonl"
         for epoch in range(self.epoch, self.schedule.epochs):
+            if hasattr(getattr(train, "sampler", None), "set_epoch"):
+                train.sampler.set_epoch(epoch)  # the epoch's clips, whether resumed or not
             self.model.train()
             if self.hal_loss is not None:
                 self.hal_loss.train()

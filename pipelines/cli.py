@@ -12,6 +12,7 @@ the command with the key's name before any work starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -181,6 +182,9 @@ class TrainConfig(RunLocation):
     # quarter of the free memory (the demo's do), else stream them from disk.
     preload: bool | None = None
     resume: bool = True
+    # The same weights for the same seed on any machine: one torch thread (a sum over other
+    # thread counts rounds differently) and deterministic kernels. Costs speed on many cores.
+    deterministic: bool = False
     export: bool = True  # export the RGB-only inference model after training
     export_formats: list[str] = field(default_factory=lambda: ["torchscript"])  # torchscript, onnx
     progress: bool = True
@@ -613,7 +617,9 @@ def cmd_train(cfg: TrainConfig) -> int:
     parts = _split_records(dataset)
     preload = _preload(cfg.preload, parts, clip)
     workers = cfg.workers if cfg.workers is not None else 0 if preload else min(8, os.cpu_count() or 1)
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) - workers)
+    if cfg.deterministic and cfg.threads not in (None, 1):
+        raise ConfigError(f"deterministic=true runs torch on one thread; leave threads={cfg.threads} unset")
+    threads = 1 if cfg.deterministic else cfg.threads or max(1, (os.cpu_count() or 1) - workers)
     cfg = dataclasses.replace(cfg, preload=preload, workers=workers, threads=threads)
     configure_process(threads)
     backbone, backbone_options = cfg.backbone, dict(cfg.backbone_options)
@@ -645,36 +651,53 @@ def cmd_train(cfg: TrainConfig) -> int:
     names = ", ".join(s.name for s in streams) or "none"
     print(f"streams: {names}", file=sys.stderr)
     jobs = [("model", streams)] + ([("baseline", [])] if cfg.baseline else [])
-    for name, job_streams in jobs:
-        print(
-            f"training {name} ({cfg.backbone}, {len(job_streams)} streams) into {run / name}", file=sys.stderr
-        )
-        train_model(
-            run / name,
-            splits,
-            job_streams,
-            len(dataset.classes),
-            options,
-            schedule,
-            clip,
-            cfg.batch_size,
-            cfg.seed,
-            dataset.multilabel,
-            cfg.workers,
-            device,
-            cfg.resume,
-            cfg.progress,
-            log=lambda m: print(m, file=sys.stderr),
-        )
-        if cfg.export and name == "model":
-            from hallucinate.run import EXPORTERS, load_model
+    with _deterministic(cfg.deterministic):
+        for name, job_streams in jobs:
+            print(
+                f"training {name} ({cfg.backbone}, {len(job_streams)} streams) into {run / name}",
+                file=sys.stderr,
+            )
+            train_model(
+                run / name,
+                splits,
+                job_streams,
+                len(dataset.classes),
+                options,
+                schedule,
+                clip,
+                cfg.batch_size,
+                cfg.seed,
+                dataset.multilabel,
+                cfg.workers,
+                device,
+                cfg.resume,
+                cfg.progress,
+                log=lambda m: print(m, file=sys.stderr),
+            )
+            if cfg.export and name == "model":
+                from hallucinate.run import EXPORTERS, load_model
 
-            model = load_model(run / name)
-            for fmt in cfg.export_formats:
-                export, filename = EXPORTERS[fmt]
-                path = export(model, clip, run / name / filename)
-                print(f"exported the RGB-only inference model to {path}", file=sys.stderr)
+                model = load_model(run / name)
+                for fmt in cfg.export_formats:
+                    export, filename = EXPORTERS[fmt]
+                    path = export(model, clip, run / name / filename)
+                    print(f"exported the RGB-only inference model to {path}", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    """torch's deterministic kernels for the block, then the setting it found (it is process-wide)."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # CUDA's deterministic GEMMs need it
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 # Keys that change where, how fast or how long a run goes, never what it has learnt so

@@ -478,3 +478,43 @@ def test_resuming_with_other_settings_names_them_and_changes_nothing(tiny_demo_r
     # Its own settings resume it; more epochs and fewer threads are allowed.
     assert main(["train", *common, *small, "alpha=0.05", "epochs=2", "threads=1"]) == 0
     assert len((run / "model" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_one_seed_gives_one_model_whatever_the_data_path(tiny_demo_root, tmp_path):
+    """Loader workers and preload used to change the clips drawn, and so the weights; a run
+    resumed after its first epoch now also ends where an uninterrupted one does."""
+    import torch
+
+    store = tmp_path / "store"
+    extract = ["extract", f"data_root={tiny_demo_root}", f"out={store}", "workers=0", "progress=false"]
+    assert main([*extract, "extractors=audio.logmel"]) == 0
+    small = [
+        "frames=8",
+        "size=32",
+        "short_side=36",
+        "batch_size=8",
+        "hidden=16",
+        "d=8",
+        "backbone_options.width=4",
+    ]
+    small += ["progress=false", "export=false", "baseline=false", "deterministic=true"]
+
+    def weights(name: str, *extra: str) -> dict:
+        run = tmp_path / name
+        assert (
+            main(["train", f"data_root={tiny_demo_root}", f"features={store}", f"run={run}", *small, *extra])
+            == 0
+        )
+        state = torch.load(run / "model" / "last.pt", weights_only=False)["model"]
+        return {k: v for k, v in state.items() if torch.is_tensor(v)}
+
+    preloaded = weights("preloaded", "epochs=2", "preload=true")
+    streamed = weights("streamed", "epochs=2", "preload=false", "workers=2")
+    assert preloaded.keys() == streamed.keys()
+    for key in preloaded:
+        torch.testing.assert_close(preloaded[key], streamed[key], rtol=0, atol=0, msg=key)
+    weights("resumed", "epochs=1", "preload=true")
+    resumed = weights("resumed", "epochs=2", "preload=true")
+    for key in preloaded:
+        torch.testing.assert_close(preloaded[key], resumed[key], rtol=0, atol=0, msg=key)
+    assert main(["train", f"data_root={tiny_demo_root}", f"features={store}", *small, "threads=2"]) == 2
