@@ -111,7 +111,8 @@ class DiskFullError(HallucinateError):
         super().__init__(
             f"no space left on the device while writing {self.path}. Finished videos are "
             "kept in the staging folder next to it; free some space (or set OUT=... to "
-            "another disk) and re-run the same command to resume."
+            "another disk) and re-run the same command to resume. (With dask workers, their "
+            "tracebacks are in logs/ beside the store.)"
         )
 
 

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 import sys
 import time
 from collections import Counter, defaultdict
@@ -31,6 +32,7 @@ from pipelines.runner import ExtractorPool, ExtractorSpec, ShardJob, ShardReport
 from pipelines.store import ShardIndex, append_ledger, read_complete, store_lock
 
 PLUGIN_NAME = "hallucinate-extractors"
+WORKER_LOGS = "logs"  # <out>/logs/worker-<host>-<pid>.log: each dask worker's log
 PROGRESS_TOPIC = "hallucinate-progress"
 
 # dask-jobqueue class for each batch system; looked up, never branched on.
@@ -188,11 +190,17 @@ def _run_shard_task(job: ShardJob) -> ShardReport:
         progress.flush()
 
 
-def _pool_plugin(threads: int | None):
+def _pool_plugin(threads: int | None, log_dir: Path):
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class ExtractorPoolPlugin(WorkerPlugin):
-        """Keeps loaded models alive between shards and tears them down at worker exit."""
+        """Keeps loaded models alive between shards and tears them down at worker exit.
+
+        It also sends the worker's own log to ``<out>/logs/``: dask logs a
+        failed task ("Compute Failed") with its traceback, which reached the
+        terminal above the one clear message the client prints (a full disk,
+        say). The traceback stays, in the file that message points to.
+        """
 
         name = PLUGIN_NAME
 
@@ -201,6 +209,13 @@ def _pool_plugin(threads: int | None):
             # torch's own pools would otherwise oversubscribe the machine.
             configure_process(threads or worker.state.nthreads)
             self.pool = ExtractorPool()
+            log_dir.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(log_dir / f"worker-{socket.gethostname()}-{os.getpid()}.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            worker_log = logging.getLogger("distributed.worker")
+            worker_log.addHandler(handler)
+            worker_log.propagate = False
+            logging.raiseExceptions = False  # a log write on a full disk must not print its own traceback
 
         def teardown(self, worker) -> None:
             self.pool.close()
@@ -371,7 +386,8 @@ def _run_on_dask(
     with open_client(options) as client:
         _check_gpu_workers(client, needed, jobs[0].extractors)
         local = options.cluster == "local" and not options.scheduler
-        client.register_plugin(_pool_plugin(options.local_threads() if local else options.threads))
+        plugin = _pool_plugin(options.local_threads() if local else options.threads, out / WORKER_LOGS)
+        client.register_plugin(plugin)
         client.subscribe_topic(PROGRESS_TOPIC, lambda event: bar.update(event[1]))
         futures = {
             client.submit(_run_shard_task, job, pure=False, resources=needed or None): job for job in jobs

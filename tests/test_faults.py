@@ -227,3 +227,45 @@ def test_a_killed_runs_lock_is_not_stale(zoo_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"an earlier run on {store} was interrupted (pid {holder.pid} on" in err
     assert not (store / ".lock.holder").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs, which extraction fills; skips where mounting is not allowed (CI runs as root)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip() or 'not root'}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_with_one_message_and_resumes(tiny_demo_root, small_disk, tmp_path, capfd):
+    import subprocess
+
+    store = small_disk / "store"
+    args = [f"data_root={tiny_demo_root}", "workers=2", "progress=false", "extractors=audio.logmel,flow"]
+    args.append("options.flow.store=float16")  # the flow field fills 3 MB within a few videos
+    capfd.readouterr()
+    assert main(["extract", *args, f"out={store}"]) == 2
+    err = capfd.readouterr().err
+    assert "no space left on the device" in err and "re-run the same command to resume" in err
+    assert "Traceback" not in err and "Compute Failed" not in err  # dask's log is in logs/
+    assert any("Compute Failed" in p.read_text() for p in (store / "logs").glob("worker-*.log"))
+    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
+    assert main(["extract", *args, f"out={store}"]) == 0
+    clean = tmp_path / "clean"
+    assert main(["extract", *args, f"out={clean}"]) == 0
+    resumed, fresh = ShardReader(store), ShardReader(clean)
+    assert sorted(resumed.video_ids) == sorted(fresh.video_ids)
+    for vid in fresh.video_ids:
+        for name in ("audio.logmel", "flow"):
+            for key in fresh.arrays(vid, name):
+                np.testing.assert_array_equal(
+                    resumed.get(vid, f"{name}/{key}"), fresh.get(vid, f"{name}/{key}")
+                )
