@@ -29,7 +29,13 @@ from pipelines.datasets import VideoRecord
 from pipelines.errors import ConfigError, DiskFullError
 from pipelines.process import configure_process, default_threads
 from pipelines.runner import ExtractorPool, ExtractorSpec, ShardJob, ShardReport, process_shard
-from pipelines.store import ShardIndex, append_ledger, read_complete, store_lock
+from pipelines.store import (
+    ShardIndex,
+    append_ledger,
+    read_complete,
+    remove_orphan_temporaries,
+    store_lock,
+)
 
 PLUGIN_NAME = "hallucinate-extractors"
 WORKER_LOGS = "logs"  # <out>/logs/worker-<host>-<pid>.log: each dask worker's log
@@ -298,6 +304,9 @@ def run_extraction(
     """
     out = Path(out)
     with store_lock(out, lock_wait, log=lambda text: print(text, file=sys.stderr)):
+        orphans = remove_orphan_temporaries(out)
+        if orphans:
+            print(f"note: removed {len(orphans)} partial file(s) a killed run left in {out}", file=sys.stderr)
         return _run_extraction(records, specs, out, options, shard_size, max_attempts, compression, progress)
 
 

@@ -64,6 +64,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temporary_name(path: Path) -> Path:
+    """Where ``path`` is written before the rename: hidden, and marked with the writer's pid."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_orphan_temporaries(root: str | Path) -> list[Path]:
+    """Removes the write-then-rename temporaries that killed writers left in a store.
+
+    Only safe under ``store_lock``: then no writer of another run is alive,
+    and this run's have not started, so every temporary is an orphan (a run
+    killed while writing a shard left a copy of the shard, never removed).
+    """
+    orphans = [p for p in Path(root).rglob(".*.tmp-*") if p.is_file()]
+    for path in orphans:
+        path.unlink(missing_ok=True)
+    return orphans
+
+
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """Write-then-rename, so readers see the old file or the new one, never half.
 
@@ -71,7 +89,7 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     process crashes; staged results skip it (losing them costs a recompute,
     while an fsync per video serialises parallel workers on the disk).
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -321,7 +339,7 @@ def write_shard(
     (no decompression). On ENOSPC the temporary file is removed and the old
     shard and the staging folder are left untouched.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with h5py.File(tmp, "w") as dst:
