@@ -79,6 +79,7 @@ class RunSummary:
     failures: list[dict[str, Any]] = field(default_factory=list)
     shard_errors: list[dict[str, Any]] = field(default_factory=list)
     videos: int = 0
+    restarted: int = 0  # videos begun before by a worker (or run) that died inside them
     skipped_shards: int = 0
     wall_seconds: float = 0.0
 
@@ -90,6 +91,7 @@ class RunSummary:
         self.seconds.update(report.seconds)
         self.failures.extend(report.failures)
         self.videos += report.videos
+        self.restarted += report.restarted
 
     def rate(self) -> str:
         """Videos a second, or seconds a video where that reads better (slow 1080p videos
@@ -116,6 +118,11 @@ class RunSummary:
             f"{self.videos} videos in {self.wall_seconds:.1f}s ({self.rate()}); "
             f"{self.skipped_shards} shard(s) already complete"
         )
+        if self.restarted:
+            lines.append(
+                f"{self.restarted} video(s) started again: a worker (or the run) died inside them "
+                "before; their finished results were kept"
+            )
         return "\n".join(lines)
 
 

@@ -96,6 +96,7 @@ class ShardReport:
     seconds: Counter = field(default_factory=Counter)
     failures: list[dict[str, Any]] = field(default_factory=list)
     videos: int = 0
+    restarted: int = 0
 
 
 def dependency_order(extractors: Mapping[str, Extractor]) -> list[str]:
@@ -217,17 +218,37 @@ def _run_video(
 ) -> None:
     vid = record.video_id
     starts = state.staging.starts(vid)
-    # Started before, yet some result is missing: a worker died inside this video.
-    if starts and any((vid, n) not in state.new for n in todo) and starts >= job.max_attempts:
+    # Started before, yet some result is missing: a worker (or the run) died inside this video.
+    cut_off = starts and any((vid, n) not in state.new for n in todo)
+    if cut_off and starts >= job.max_attempts:
         exc = HallucinateError(
-            f"{record.path}: a worker died {starts} times while processing this video (out of "
-            "memory, or a crash in native code), so it is skipped. Check the file, or give "
-            "workers more memory, then re-run."
+            f"{record.path}: processing this video was cut off {starts} times (a worker or the "
+            "run died inside it: out of memory, a crash in native code, or a kill -9), so it is "
+            "skipped. Check the file, or give workers more memory; if you killed the run "
+            f"yourself, re-run with max_attempts={starts + 1} to try it again."
         )
         for name in todo:
             _record_failure(state, report, record, extractors[name], exc, job)
         return
+    report.restarted += bool(cut_off)
     state.staging.mark_started(vid, starts + 1)
+    try:
+        _run_extractors(job, record, todo, extractors, state, report)
+    except KeyboardInterrupt:  # Ctrl-C: the user stopped the run, the video killed nothing
+        state.staging.mark_started(vid, starts)
+        raise
+
+
+def _run_extractors(
+    job: ShardJob,
+    record: VideoRecord,
+    todo: list[str],
+    extractors: Mapping[str, Extractor],
+    state: _ShardState,
+    report: ShardReport,
+) -> None:
+    """Runs ``todo`` on one decode of the video, staging each result as it comes."""
+    vid = record.video_id
     video = VideoSource(vid, record.path, frame_samplings(todo, extractors))
     results: dict[str, Result] = {}
 

@@ -263,8 +263,28 @@ def test_video_that_keeps_killing_workers_is_given_up(tmp_path, demo_records):
     job = ShardJob(str(out), "shard-00000", demo_records[:3], [spec("test.frame_stats")])
     report = process_shard(job, ExtractorPool())
     assert report.counts["test.frame_stats"] == {"done": 2, "failed": 1}
-    assert "worker died 2 times" in report.failures[0]["message"]
+    assert "cut off 2 times" in report.failures[0]["message"]
+    assert "max_attempts=3" in report.failures[0]["message"]  # the way on, if the user killed the run
     assert report.failures[0]["path"] == demo_records[1].path
+
+
+def test_ctrl_c_inside_a_video_does_not_charge_it(tmp_path, demo_records, monkeypatch):
+    """A user's Ctrl-C is no evidence against the video being processed, unlike a dead worker."""
+    from tests.helpers import FrameStats
+
+    out = tmp_path / "out"
+    index = ShardIndex()
+    index.assign([r.video_id for r in demo_records[:2]], 2)
+    index.save(out)
+    staging = Staging(out, "shard-00000")
+    staging.mark_started(demo_records[0].video_id, 1)  # one earlier attempt died inside it
+    monkeypatch.setattr(
+        FrameStats, "process", lambda self, video, inputs: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
+    job = ShardJob(str(out), "shard-00000", demo_records[:2], [spec("test.frame_stats")])
+    with pytest.raises(KeyboardInterrupt):
+        process_shard(job, ExtractorPool())
+    assert staging.starts(demo_records[0].video_id) == 1
 
 
 def test_disk_full_stops_the_run_and_keeps_finished_work(tmp_path, demo_records, monkeypatch):
