@@ -313,3 +313,33 @@ def test_a_run_killed_mid_run_resumes_to_a_clean_runs_store(tiny_demo_root, tmp_
                 np.testing.assert_array_equal(
                     resumed.get(vid, f"{name}/{key}"), fresh.get(vid, f"{name}/{key}")
                 )
+
+
+def test_the_default_set_meets_the_awkward_inputs_without_a_bug(zoo_run, tmp_path):
+    """The one row with every default extractor (pretrained ones included): a 1-frame clip,
+    a huge frame, a cut-short file and an audio-only one give flags or named errors, and
+    nothing is recorded as a bug (an error with a traceback)."""
+    root = tmp_path / "zoo"
+    videos = root / "videos" / "things"
+    videos.mkdir(parents=True)
+    for key in ("one_frame", "huge", "truncated_faststart", "audio_only", "good"):
+        name = zoo_run["names"][key]
+        shutil.copy(zoo_run["root"] / "videos" / "things" / name, videos / name)
+    (root / "zoo.yaml").write_text(f"name: zoo\nformat: folder\nroot: {root}\nsplit_seed: 0\n")
+    store = tmp_path / "store"
+    assert (
+        main(["extract", f"dataset={root / 'zoo.yaml'}", f"out={store}", "workers=0", "progress=false"]) == 0
+    )
+    from pipelines.errors import HallucinateError
+
+    def named(cls: type) -> set[str]:
+        return {cls.__name__}.union(*(named(sub) for sub in cls.__subclasses__()))
+
+    bugs = [row for row in read_ledger(store) if row["error_type"] not in named(HallucinateError)]
+    assert not bugs, bugs
+    reader = ShardReader(store)
+    for name in reader.extractors("one_frame"):
+        entry = reader.entry("one_frame", name)
+        assert entry.status in ("done", "flagged") and "traceback" not in entry.attrs, (name, entry.attrs)
+    for name in reader.extractors("good"):
+        assert reader.entry("good", name).status in ("done", "flagged"), name
