@@ -257,7 +257,7 @@ class MediaPipePose(PoseBackend):
         self._graphs = []
 
     def estimate(self, frames: np.ndarray, boxes: list[np.ndarray] | None = None) -> list[Poses]:
-        from extractors.mediapipe_nets import landmark_box, new_graph, quiet
+        from extractors.mediapipe_nets import new_graph, quiet
 
         if not self._graphs:
             self._graphs = [new_graph(self._new_pose) for _ in range(self.config.passes)]

@@ -94,6 +94,17 @@ def test_bad_input_names_the_file(name, kind, broken, deep_options):
 
 
 @pytest.mark.parametrize("name", list_extractors())
+def test_says_what_it_runs(name):
+    """`hallucinate extractors` and the README tell pretrained models from heuristics and checkpoints."""
+    from extractors.base import WEIGHTS_KINDS
+
+    cls = get_extractor_class(name)
+    assert cls.weights in WEIGHTS_KINDS, cls.weights
+    if cls.in_default_set:  # the default set runs on a fresh machine, with no download
+        assert cls.weights in ("pretrained", "heuristic"), name
+
+
+@pytest.mark.parametrize("name", list_extractors())
 def test_config_hash_tracks_config_and_version(name, deep_options):
     cls = get_extractor_class(name)
     ex = create_extractor(name, **deep_options.get(name, {}))
