@@ -189,3 +189,32 @@ def test_a_rerun_reuses_every_pretrained_result(real_set, capsys):
         row = next(line.split() for line in table.splitlines() if line.startswith(name + " "))
         done, reused, flagged, failed = (int(v) for v in row[1:5])
         assert (done, flagged, failed) == (0, 0, 0) and reused == 8, (name, row)
+
+
+def test_the_models_native_logging_stays_off_the_terminal():
+    """In a fresh process (the first graph of a process is the one that prints), set up and
+    run every pretrained extractor twice: nothing from absl or TensorFlow Lite on stderr."""
+    import subprocess
+    import sys
+
+    code = (
+        "from extractors import create_extractor\n"
+        "from pipelines.decode import VideoSource\n"
+        f"names = {PRETRAINED!r}\n"
+        "order = sorted(names, key=lambda n: bool(create_extractor(n).needs().inputs))\n"
+        "made = {n: create_extractor(n) for n in order}\n"
+        "for ex in made.values():\n"
+        "    ex.setup()\n"
+        f"for path in [{str(CLIPS / 'ava_style_6fps.mp4')!r}, {str(CLIPS / 'short_32_frames.mp4')!r}]:\n"
+        "    results = {}\n"
+        "    for n in order:\n"
+        "        deps = {d: results[d] for d in made[n].needs().inputs}\n"
+        "        results[n] = made[n].process(VideoSource('v', path), deps)\n"
+        "import time; time.sleep(1)\n"
+        "print('ran', len(results))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"ran {len(PRETRAINED)}"
+    noise = [line for line in done.stderr.splitlines() if line.strip()]
+    assert not noise, noise
