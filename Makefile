@@ -33,7 +33,7 @@ EXTRACT_ARGS := dataset=$(DATASET) \
 	$(if $(DATA_ROOT),data_root=$(DATA_ROOT)) \
 	$(ARGS)
 
-.PHONY: install install-mmpose demo extract train evaluate inspect test bench lint clean
+.PHONY: install install-mmpose demo extract train evaluate study inspect test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -99,6 +99,15 @@ train: install
 evaluate: install
 	$(HALLUCINATE) evaluate dataset=$(DATASET) $(if $(OUT),features=$(OUT)) $(if $(RUN),run=$(RUN)) $(ARGS)
 
+# Seeds x variants, each trained and evaluated, then report.md/json and plots in
+# studies/<dataset>. On the demo, the runs use make demo's settings.
+SEEDS ?= 0-2
+VARIANTS ?= baseline,hallucinated,control,oracle
+STUDY_TRAIN_ARGS ?= $(if $(filter demo,$(DATASET)),$(DEMO_TRAIN_ARGS))
+study: install
+	$(HALLUCINATE) study dataset=$(DATASET) seeds=$(SEEDS) variants=$(VARIANTS) \
+		$(if $(OUT),features=$(OUT)) $(addprefix train.,$(STUDY_TRAIN_ARGS)) $(ARGS)
+
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -119,4 +128,4 @@ lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf features runs .pytest_cache
+	rm -rf features runs studies .pytest_cache

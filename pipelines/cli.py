@@ -191,6 +191,22 @@ class TrainConfig(RunLocation):
 
 
 @dataclass
+class StudyConfig(RunLocation):
+    """``hallucinate study``: a grid of seeds x variants, each trained and evaluated, and a report."""
+
+    seeds: str = "0-2"  # 0-5, or 0,2,7
+    # baseline, hallucinated (hal), oracle, control, drop:<stream>, name:key=value+key=value
+    variants: list[str] = field(default_factory=lambda: ["baseline", "hallucinated", "control", "oracle"])
+    study: str | None = None  # the study directory; default studies/<dataset>
+    train: dict[str, Any] = field(default_factory=dict)  # train.<key>=value for every run
+    workers: int = 1  # training runs at a time, each in its own processes
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers={self.workers}: give at least 1 (runs trained at a time)")
+
+
+@dataclass
 class EvaluateConfig(RunLocation):
     """``hallucinate evaluate``: three protocols, stream ablation and quality of a run.
 
@@ -868,6 +884,83 @@ def _quality_notes(report: dict) -> list[str]:
     return ["", *notes] if notes else []  # a blank line after the table, whichever note comes first
 
 
+def _dotted(mapping: dict[str, Any], prefix: str = "") -> list[str]:
+    """``{"a": {"b": 1}}`` as ``["a.b=1"]``: nested train.* keys back into command-line form."""
+    out = []
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, list) else value
+            out.append(f"{prefix}{key}={text}")
+    return out
+
+
+def cmd_study(cfg: StudyConfig) -> int:
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hallucinate.study import (
+        MAIN,
+        execute,
+        finished,
+        parse_seeds,
+        parse_variants,
+        plan_runs,
+        write_report,
+    )
+
+    variants = parse_variants(cfg.variants)
+    seeds = parse_seeds(cfg.seeds)
+    store = Path(cfg.features) if cfg.features else default_out(cfg.dataset)
+    if not (store / "index.json").is_file():
+        raise ConfigError(
+            f"no feature store at {store}: a study trains on extracted descriptors; run "
+            f"`hallucinate extract dataset={cfg.dataset}` first (or give features=...)"
+        )
+    study = Path(cfg.study) if cfg.study else Path("studies") / Path(cfg.dataset).stem
+    study.mkdir(parents=True, exist_ok=True)
+    common = [f"dataset={cfg.dataset}", f"data_root={cfg.data_root}", f"features={store}"]
+    common += [f"definition.{k}" for k in _dotted(cfg.definition)]
+    common += [f"video_root={cfg.video_root}"] if cfg.video_root else []
+    common += _dotted(cfg.train)
+    runs = plan_runs(variants, seeds)
+    todo = [r for r in runs if not finished(r.directory(study))]
+    print(
+        f"study {study}: {len(variants)} variants x {len(seeds)} seeds = {len(runs)} runs, "
+        f"{len(runs) - len(todo)} finished before, {len(todo)} to run, {cfg.workers} at a time",
+        file=sys.stderr,
+    )
+    timings: dict[str, float] = {}
+    failed: list[str] = []
+    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+
+    def one(run) -> None:
+        ok, seconds = execute(run, study, common, cfg.workers, log)
+        name = run.directory(study).name
+        timings[name] = seconds
+        (failed.append(name) if not ok else log(f"study: {name} done in {seconds:.0f} s"))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(cfg.workers) as pool:  # main runs first: drop variants read their streams
+        list(pool.map(one, [r for r in todo if r.group == MAIN]))
+        list(pool.map(one, [r for r in todo if r.group != MAIN]))
+    timings["study (wall)"] = time.perf_counter() - started
+    command = " ".join(
+        ["hallucinate study", f"dataset={cfg.dataset}", f"features={store}", f"study={study}"]
+        + [f"seeds={cfg.seeds}", "variants=" + ",".join(cfg.variants), f"workers={cfg.workers}"]
+        + [f"train.{kv}" for kv in _dotted(cfg.train)]
+    )
+    report = write_report(study, variants, seeds, command, timings)
+    for sentence in report["sentences"]:
+        print(sentence)
+    print(f"report: {study / 'report.md'} (and report.json, seeds.png, quality.png, curves.png)")
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}; re-run the same command to resume them")
+        return 1
+    return 0
+
+
 COMMANDS = {
     "extract": (ExtractConfig, cmd_extract, "run extractors over a dataset into HDF5 shards"),
     "inspect": (InspectConfig, cmd_inspect, "summarise a feature store and its failure ledger"),
@@ -880,6 +973,7 @@ COMMANDS = {
     ),
     "train": (TrainConfig, cmd_train, "train the hallucination model and its RGB-only baseline"),
     "evaluate": (EvaluateConfig, cmd_evaluate, "evaluate RGB-only, hallucinated and oracle protocols"),
+    "study": (StudyConfig, cmd_study, "train and evaluate seeds x variants, then report the statistics"),
 }
 
 
