@@ -86,6 +86,9 @@ demo: install
 	$(HALLUCINATE) inspect dataset=demo
 	$(HALLUCINATE) train dataset=demo $(DEMO_TRAIN_ARGS) $(TRAIN_ARGS)
 	$(HALLUCINATE) evaluate dataset=demo $(if $(TRAIN_ARGS),$(filter run=%,$(TRAIN_ARGS)))
+	@echo "One seed shows the pipeline runs end to end; it cannot show whether hallucination helps:"
+	@echo "seeds move top-1 by several points. \`make study\` trains 3 seeds x {baseline, hallucinated,"
+	@echo "control, oracle} and reports paired differences with their spread (studies/demo/report.md)."
 
 extract: install
 	$(HALLUCINATE) extract $(EXTRACT_ARGS)
