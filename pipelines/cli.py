@@ -933,13 +933,18 @@ def cmd_study(cfg: StudyConfig) -> int:
     )
     timings: dict[str, float] = {}
     failed: list[str] = []
-    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr)
 
     def one(run) -> None:
         ok, seconds = execute(run, study, common, cfg.workers, log)
         name = run.directory(study).name
         timings[name] = seconds
-        (failed.append(name) if not ok else log(f"study: {name} done in {seconds:.0f} s"))
+        if ok:
+            log(f"study: {name} done in {seconds:.0f} s")
+        else:
+            failed.append(name)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(cfg.workers) as pool:  # main runs first: drop variants read their streams
