@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +169,9 @@ def spread_sentence(name: str, reference: str, diff: Mapping[str, float], ref: M
     where = "inside" if inside else "outside"
     return (
         f"{name} - {reference}: {diff['mean_diff']:+.3f} on average "
-        f"({diff['won']} of {diff['n']} seeds won), {where} the {spread:.3f} range "
-        f"of {reference} over its seeds" + ("; no gain can be claimed from these seeds." if inside else ".")
+        f"({diff['won']} of {diff['n']} seeds won; paired t-test p = {_fmt(diff['t_p'])}), {where} "
+        f"the {spread:.3f} range of {reference} over its seeds"
+        + ("; no gain can be claimed from these seeds." if inside else ".")
     )
 
 
@@ -233,7 +235,9 @@ def read_quality(study: Path, variants: Sequence[Variant], seeds: Sequence[int])
                 for stream, q in streams.items():
                     per.setdefault((split, stream), []).append((q["r2"], q["cosine"]))
         for (split, stream), pairs in per.items():
-            r2, cos = np.nanmean(np.array(pairs, np.float64), 0) if pairs else (math.nan, math.nan)
+            with warnings.catch_warnings():  # a stream with ground truth on one clip has no R2
+                warnings.simplefilter("ignore", RuntimeWarning)
+                r2, cos = np.nanmean(np.array(pairs, np.float64), 0)
             out.setdefault(group, {}).setdefault(split, {})[stream] = (float(r2), float(cos))
     return out
 
@@ -286,6 +290,13 @@ def report_markdown(report: Mapping[str, Any], command: str, timings: Mapping[st
             )
     if report["sentences"]:
         lines += ["", *[f"- {s}" for s in report["sentences"]]]
+    n = max((e[metric]["n"] for e in report["variants"].values() if metric in e), default=0)
+    if n:
+        lines += [
+            "",
+            f"With {n} seeds the Wilcoxon signed-rank test cannot go below p = {2 / 2**n:.3f} "
+            "(every seed won), so only more seeds can make its answer firm.",
+        ]
     lines += ["", "Plots: `seeds.png` (each seed's runs joined), `quality.png` (each stream's R2 and cosine,"]
     lines += ["train and test), `curves.png` (validation top-1 per epoch). Each run's own report, curves and"]
     lines += ["quality plot are in `runs/<group>-s<seed>/`.", ""]
