@@ -436,7 +436,9 @@ def run_commands(
             raise ConfigError(
                 f"drop:{run.drop}: no stream of the main run is {run.drop!r} ({', '.join(streams or [])})"
             )
-        train.append("streams=" + ",".join(kept) if kept else "streams=[]")
+        if not kept:
+            raise ConfigError(f"drop:{run.drop} leaves no stream: that model is the baseline variant")
+        train.append("streams=" + ",".join(kept))
     evaluate = [sys.executable, "-m", "pipelines.cli", "evaluate", f"run={where}", "progress=false"]
     return [train, evaluate]
 
@@ -453,6 +455,7 @@ def execute(run: StudyRun, study: Path, common: Sequence[str], workers: int, log
     if run.drop is not None:
         main_eval = StudyRun(MAIN, run.seed, ()).directory(study) / "evaluation.json"
         if not main_eval.is_file():
+            log(f"study: {where.name} needs the streams of {main_eval.parent.name}, which did not finish")
             return False, 0.0
         streams = json.loads(main_eval.read_text())["streams"]
     commands = run_commands(run, study, common, streams)
