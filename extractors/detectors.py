@@ -299,26 +299,25 @@ class MediaPipeFace(Detector):
     label_range = "face"
 
     def setup(self) -> None:
-        from extractors.mediapipe_nets import solution, warm_up
+        from extractors.mediapipe_nets import LazyGraph, solution, warm_up
 
         c = self.config
         if c.model_selection not in (0, 1):
             raise ConfigError("face detector mediapipe_face: model_selection must be 0 or 1")
         faces = solution("face_detection", "face detector mediapipe_face")
-        self._factory = lambda: faces.FaceDetection(
-            model_selection=c.model_selection, min_detection_confidence=c.min_detection_confidence
-        )
-        warm_up(self._factory)
-        self._graph = None
+
+        def factory():
+            return faces.FaceDetection(
+                model_selection=c.model_selection, min_detection_confidence=c.min_detection_confidence
+            )
+
+        warm_up(factory)
+        self._graph = LazyGraph(factory)
 
     def detect(self, frames: np.ndarray) -> list[Detections]:
-        from extractors.mediapipe_nets import new_graph, process_frames
-
-        if self._graph is None:
-            self._graph = new_graph(self._factory)
         slot = LABEL_RANGES["face"][0]
         out = []
-        for found in process_frames(self._graph, frames):
+        for found in self._graph.process(frames):
             rows = []
             for d in found.detections or []:
                 b = d.location_data.relative_bounding_box
@@ -331,9 +330,9 @@ class MediaPipeFace(Detector):
         return out
 
     def provenance(self) -> dict[str, Any]:
-        from extractors.mediapipe_nets import mediapipe_version
+        from extractors.mediapipe_nets import weights_id
 
-        return {"weights": f"mediapipe-{mediapipe_version()}-face-{self.config.model_selection}"}
+        return {"weights": weights_id(f"face-{self.config.model_selection}")}
 
 
 @dataclass
@@ -361,7 +360,7 @@ class MediaPipeHands(Detector):
     label_range = "hand"
 
     def setup(self) -> None:
-        from extractors.mediapipe_nets import solution, warm_up
+        from extractors.mediapipe_nets import LazyGraph, solution, warm_up
 
         c = self.config
         if c.model_complexity not in (0, 1) or c.max_num_hands < 1:
@@ -369,29 +368,28 @@ class MediaPipeHands(Detector):
                 "hand detector mediapipe_hands: model_complexity must be 0 or 1, max_num_hands >= 1"
             )
         hands = solution("hands", "hand detector mediapipe_hands")
-        self._factory = lambda: hands.Hands(
-            static_image_mode=False,
-            max_num_hands=c.max_num_hands,
-            model_complexity=c.model_complexity,
-            min_detection_confidence=c.min_detection_confidence,
-            min_tracking_confidence=c.min_tracking_confidence,
-        )
-        warm_up(self._factory)
-        self._graph = None
+
+        def factory():
+            return hands.Hands(
+                static_image_mode=False,
+                max_num_hands=c.max_num_hands,
+                model_complexity=c.model_complexity,
+                min_detection_confidence=c.min_detection_confidence,
+                min_tracking_confidence=c.min_tracking_confidence,
+            )
+
+        warm_up(factory)
+        self._graph = LazyGraph(factory)
 
     def reset(self, inputs: Mapping[str, Any] | None = None) -> None:
-        if getattr(self, "_graph", None) is not None:
-            self._graph.close()
-        self._graph = None
+        self._graph.close()  # it tracks hands from frame to frame
 
     def detect(self, frames: np.ndarray) -> list[Detections]:
-        from extractors.mediapipe_nets import landmark_box, new_graph, process_frames
+        from extractors.mediapipe_nets import landmark_box
 
-        if self._graph is None:
-            self._graph = new_graph(self._factory)
         first = LABEL_RANGES["hand"][0]
         out = []
-        for found in process_frames(self._graph, frames):
+        for found in self._graph.process(frames):
             marks, sides = found.multi_hand_landmarks or [], found.multi_handedness or []
             if not marks:
                 out.append(Detections.empty())
@@ -408,9 +406,9 @@ class MediaPipeHands(Detector):
         return out
 
     def provenance(self) -> dict[str, Any]:
-        from extractors.mediapipe_nets import mediapipe_version
+        from extractors.mediapipe_nets import weights_id
 
-        return {"weights": f"mediapipe-{mediapipe_version()}-hands-{self.config.model_complexity}"}
+        return {"weights": weights_id(f"hands-{self.config.model_complexity}")}
 
 
 # ---------------------------------------------------------------- torchvision

@@ -42,30 +42,11 @@ def solution(module: str, what: str) -> Any:
         ) from None
 
 
-def mediapipe_version() -> str:
+def weights_id(model: str) -> str:
+    """The provenance of a bundled model: the mediapipe release and which of its nets."""
     import mediapipe
 
-    return mediapipe.__version__
-
-
-def new_graph(factory: Callable[[], Any]) -> Any:
-    """A new MediaPipe graph; what its native code prints goes to the ``mediapipe`` logger."""
-    with native_stderr_to_log("mediapipe"):
-        return factory()
-
-
-def warm_up(factory: Callable[[], Any]) -> None:
-    """Builds, runs once on a black frame and closes a throwaway graph.
-
-    The first graph of a process starts TensorFlow Lite on its own threads
-    after the constructor returns, and prints its absl lines then, over
-    whatever runs next. Running one frame here waits for that start-up, so
-    its lines go to the log and the videos' graphs print nothing.
-    """
-    graph = new_graph(factory)
-    with quiet():
-        graph.process(np.zeros((64, 64, 3), np.uint8))
-        graph.close()
+    return f"mediapipe-{mediapipe.__version__}-{model}"
 
 
 @contextmanager
@@ -77,10 +58,48 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def process_frames(graph: Any, frames: np.ndarray) -> list[Any]:
-    """``graph.process`` on each RGB frame, in order, quietly."""
+def warm_up(factory: Callable[[], Any]) -> None:
+    """Builds, runs once on a black frame and closes a throwaway graph.
+
+    The first graph of a process starts TensorFlow Lite on its own threads
+    after the constructor returns, and prints its absl lines then, over
+    whatever runs next. Running one frame here waits for that start-up, so
+    its lines go to the log and the videos' graphs print nothing.
+    """
     with quiet():
-        return [graph.process(np.ascontiguousarray(frame)) for frame in frames]
+        graph = factory()
+        graph.process(np.zeros((64, 64, 3), np.uint8))
+        graph.close()
+
+
+class LazyGraph:
+    """One MediaPipe graph, built on its first frame inside the quiet block, rebuilt after ``close``.
+
+    Why one class: a graph built anywhere else (``sdf.person`` once built it
+    at the end of ``setup``) prints TensorFlow Lite's start-up line on the
+    terminal, since that line comes after the constructor returns. Stateful
+    graphs (tracking hands or a person) are closed at each new video.
+    """
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._graph: Any = None
+
+    def __call__(self, frame: np.ndarray) -> Any:
+        """One RGB frame's result; call it inside ``quiet()``."""
+        if self._graph is None:
+            self._graph = self._factory()
+        return self._graph.process(np.ascontiguousarray(frame))
+
+    def process(self, frames: np.ndarray) -> list[Any]:
+        """Each RGB frame's result, in order, quietly."""
+        with quiet():
+            return [self(frame) for frame in frames]
+
+    def close(self) -> None:
+        if self._graph is not None:
+            self._graph.close()
+            self._graph = None
 
 
 def landmark_box(points: np.ndarray, pad: float) -> np.ndarray:

@@ -222,7 +222,7 @@ class MediaPipePose(PoseBackend):
         return self.config.passes > 1
 
     def setup(self) -> None:
-        from extractors.mediapipe_nets import solution, warm_up
+        from extractors.mediapipe_nets import LazyGraph, solution, warm_up
 
         c = self.config
         self._solution = solution("pose", "pose backend mediapipe")
@@ -230,8 +230,8 @@ class MediaPipePose(PoseBackend):
             raise ConfigError("pose backend mediapipe: model_complexity must be 0, 1 or 2")
         if c.passes < 1:
             raise ConfigError("pose backend mediapipe: passes must be at least 1")
-        self._graphs: list[Any] = []
         warm_up(self._new_pose)
+        self._graphs = [LazyGraph(self._new_pose) for _ in range(c.passes)]
 
     def _new_pose(self) -> Any:
         c = self.config
@@ -253,47 +253,42 @@ class MediaPipePose(PoseBackend):
 
     def reset(self) -> None:
         for graph in self._graphs:
-            graph.close()
-        self._graphs = []
+            graph.close()  # each tracks its person from frame to frame
 
     def estimate(self, frames: np.ndarray, boxes: list[np.ndarray] | None = None) -> list[Poses]:
-        from extractors.mediapipe_nets import new_graph, quiet
+        from extractors.mediapipe_nets import quiet
 
-        if not self._graphs:
-            self._graphs = [new_graph(self._new_pose) for _ in range(self.config.passes)]
-        out = []
-        for frame in frames:
-            h, w = frame.shape[:2]
-            seen = np.array(frame)
-            fill = frame.reshape(-1, 3).mean(0).astype(np.uint8)
-            people = []
-            for graph in self._graphs:
-                with quiet():
-                    landmarks = graph.process(seen).pose_landmarks
-                if landmarks is None:
-                    break  # nobody left to find: a later pass would only pay for its detector
-                marks = np.array([(m.x, m.y, m.visibility) for m in landmarks.landmark], np.float32)
-                kp = blazepose_to_coco(marks)
-                visible = kp[kp[:, 2] >= 0.5] if (kp[:, 2] >= 0.5).any() else kp
-                people.append((kp, landmark_box(visible[:, :2], 0.0), kp[:, 2].mean()))
-                x1, y1, x2, y2 = landmark_box(visible[:, :2], self.config.pad) * np.array([w, h, w, h])
-                seen[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))] = fill
-            if not people:
-                out.append(Poses.empty())
-                continue
-            out.append(
-                Poses(
-                    np.stack([p[0] for p in people]),
-                    np.stack([p[1] for p in people]),
-                    np.array([p[2] for p in people], np.float32),
-                )
-            )
-        return out
+        with quiet():
+            return [self._people(frame) for frame in frames]
+
+    def _people(self, frame: np.ndarray) -> Poses:
+        """One frame's people, pass by pass, each later pass seeing the earlier ones painted over."""
+        h, w = frame.shape[:2]
+        seen = np.array(frame)
+        fill = frame.reshape(-1, 3).mean(0).astype(np.uint8)
+        people = []
+        for graph in self._graphs:
+            landmarks = graph(seen).pose_landmarks
+            if landmarks is None:
+                break  # nobody left to find: a later pass would only pay for its detector
+            marks = np.array([(m.x, m.y, m.visibility) for m in landmarks.landmark], np.float32)
+            kp = blazepose_to_coco(marks)
+            visible = kp[kp[:, 2] >= 0.5] if (kp[:, 2] >= 0.5).any() else kp
+            people.append((kp, landmark_box(visible[:, :2], 0.0), kp[:, 2].mean()))
+            x1, y1, x2, y2 = landmark_box(visible[:, :2], self.config.pad) * np.array([w, h, w, h])
+            seen[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))] = fill
+        if not people:
+            return Poses.empty()
+        return Poses(
+            np.stack([p[0] for p in people]),
+            np.stack([p[1] for p in people]),
+            np.array([p[2] for p in people], np.float32),
+        )
 
     def provenance(self) -> dict[str, Any]:
-        from extractors.mediapipe_nets import mediapipe_version
+        from extractors.mediapipe_nets import weights_id
 
-        return {"weights": f"mediapipe-{mediapipe_version()}-complexity{self.config.model_complexity}"}
+        return {"weights": weights_id(f"complexity{self.config.model_complexity}")}
 
 
 @dataclass

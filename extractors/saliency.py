@@ -313,29 +313,26 @@ class PersonSegmentation(SaliencyBackend):
     Config = PersonSegmentationConfig
 
     def setup(self) -> None:
-        from extractors.mediapipe_nets import solution, warm_up
+        from extractors.mediapipe_nets import LazyGraph, solution, warm_up
 
         if self.config.model_selection not in (0, 1):
             raise ConfigError("saliency backend person_segmentation: model_selection must be 0 or 1")
         segmentation = solution("selfie_segmentation", "saliency backend person_segmentation")
-        self._factory = lambda: segmentation.SelfieSegmentation(model_selection=self.config.model_selection)
-        warm_up(self._factory)
-        self._graph = None
+
+        def factory():
+            return segmentation.SelfieSegmentation(model_selection=self.config.model_selection)
+
+        warm_up(factory)
+        self._graph = LazyGraph(factory)
 
     def maps(self, frames: np.ndarray) -> np.ndarray:
-        from extractors.mediapipe_nets import new_graph, process_frames
-
-        # Built on first use, not in setup: TensorFlow Lite prints its start-up lines
-        # after the constructor returns, and here they land inside the quiet block.
-        if self._graph is None:
-            self._graph = new_graph(self._factory)
-        found = process_frames(self._graph, frames)
+        found = self._graph.process(frames)
         return np.stack([np.clip(f.segmentation_mask, 0.0, 1.0).astype(np.float32) for f in found])
 
     def provenance(self) -> dict[str, Any]:
-        from extractors.mediapipe_nets import mediapipe_version
+        from extractors.mediapipe_nets import weights_id
 
-        return {"weights": f"mediapipe-{mediapipe_version()}-selfie-{self.config.model_selection}"}
+        return {"weights": weights_id(f"selfie-{self.config.model_selection}")}
 
 
 # ---------------------------------------------------------------- extractors
