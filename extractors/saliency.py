@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -392,25 +392,33 @@ class SDFExtractor(Extractor):
         self.saliency.setup()
 
     def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
-        c = self.config
-        vectors, small = [], []
+        return self._pooled(self._frame_maps(video), self._attrs())
+
+    def _attrs(self) -> dict[str, Any]:
+        return {"saliency": self.saliency.name, **self.saliency.provenance()}
+
+    def _frame_maps(self, video: VideoInput) -> Iterator[np.ndarray]:
+        """The backend's maps, a batch of frames at a time; the backend restarts at the first."""
         started = False
-        for batch in video.frames(self.needs().frames, chunk=c.chunk):
+        for batch in video.frames(self.needs().frames, chunk=self.config.chunk):
             if not started:
                 self.saliency.reset(batch.frames)
                 started = True
-            maps = self.saliency.maps(batch.frames)
+            yield self.saliency.maps(batch.frames)
+
+    def _pooled(self, batches: Iterable[np.ndarray], attrs: dict[str, Any]) -> Result:
+        """υ† of each map, Eq. 16 pooling + PN over them, and the optional small maps.
+
+        Every SDF extractor ends here, whatever made its maps (a backend on
+        frames, stored flow), so the descriptor means the same for all.
+        """
+        c = self.config
+        vectors, small = [], []
+        for maps in batches:
             vectors.append(frame_vectors(maps, c.sigma_orientation, c.sigma_space))
             if c.store_maps:
                 s = c.store_maps
                 small += [cv2.resize(m, (s, s), interpolation=cv2.INTER_AREA) for m in maps]
-        return self._pooled(
-            video, vectors, small, {"saliency": self.saliency.name, **self.saliency.provenance()}
-        )
-
-    def _pooled(self, video: VideoInput, vectors: list, small: list, attrs: dict[str, Any]) -> Result:
-        """Eq. 16 pooling + PN of the per-frame vectors, and the optional small maps."""
-        c = self.config
         per_frame = np.concatenate(vectors) if vectors else np.zeros((0, FRAME_DIM))
         if not len(per_frame):
             return Result(flags={TOO_FEW_FRAMES: "no frame was sampled"}, attrs={"frames": 0, **attrs})
@@ -468,20 +476,20 @@ class PersonSDF(SDFExtractor):
 
     def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
         c = self.config
-        vectors, small, person_frames, frames = [], [], 0, 0
-        for batch in video.frames(self.needs().frames, chunk=c.chunk):
-            maps = self.saliency.maps(batch.frames)
-            person_frames += int(((maps >= 0.5).mean((1, 2)) >= c.min_person_area).sum())
-            frames += len(maps)
-            vectors.append(frame_vectors(maps, c.sigma_orientation, c.sigma_space))
-            if c.store_maps:
-                s = c.store_maps
-                small += [cv2.resize(m, (s, s), interpolation=cv2.INTER_AREA) for m in maps]
-        attrs = {"saliency": self.saliency.name, "person_frames": person_frames, **self.saliency.provenance()}
-        if frames and not person_frames:
-            reason = f"no frame of {frames} has {c.min_person_area:.0%} of its pixels on a person"
-            return Result(flags={"no_person": reason}, attrs={"frames": frames, **attrs})
-        return self._pooled(video, vectors, small, attrs)
+        seen = {"frames": 0, "person_frames": 0}
+
+        def counted(batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+            for maps in batches:
+                seen["frames"] += len(maps)
+                seen["person_frames"] += int(((maps >= 0.5).mean((1, 2)) >= c.min_person_area).sum())
+                yield maps
+
+        result = self._pooled(counted(self._frame_maps(video)), self._attrs())
+        result.attrs["person_frames"] = seen["person_frames"]
+        if seen["frames"] and not seen["person_frames"]:
+            reason = f"no frame of {seen['frames']} has {c.min_person_area:.0%} of its pixels on a person"
+            return Result(flags={"no_person": reason}, attrs=result.attrs)
+        return result
 
 
 @register("sdf.deep")
@@ -557,11 +565,8 @@ class FlowSDF(SDFExtractor):
 
         c = self.config
         flow = flow_input(inputs, c.saliency["flow"], video.path)
-        vectors, small = [], []
-        for start in range(0, len(flow), c.chunk):
-            maps = FlowMagnitude.from_flow(flow[start : start + c.chunk], tuple(c.map_size))
-            vectors.append(frame_vectors(maps, c.sigma_orientation, c.sigma_space))
-            if c.store_maps:
-                s = c.store_maps
-                small += [cv2.resize(m, (s, s), interpolation=cv2.INTER_AREA) for m in maps]
-        return self._pooled(video, vectors, small, {"saliency": "flow_magnitude"})
+        maps = (
+            FlowMagnitude.from_flow(flow[start : start + c.chunk], tuple(c.map_size))
+            for start in range(0, len(flow), c.chunk)
+        )
+        return self._pooled(maps, {"saliency": "flow_magnitude"})
