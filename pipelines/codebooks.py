@@ -26,6 +26,7 @@ from tqdm import tqdm
 from extractors.codebooks import fit_codebook
 from pipelines.config import to_plain
 from pipelines.errors import ConfigError, HallucinateError
+from pipelines.store import temporary_name
 
 
 def _descriptors(args) -> list[tuple[str, np.ndarray | None, str | None]]:
@@ -124,7 +125,7 @@ def fit_codebooks(cfg) -> Path:
     name = cfg.name or dataset.name
     path = book.save(out, name)
     link = out / f"{name}.npz"
-    tmp = out / f".{name}.npz.tmp-{os.getpid()}"
+    tmp = temporary_name(link)  # the store's rule, which its sweep of killed writers' files knows
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(path.name)
     os.replace(tmp, link)
