@@ -246,10 +246,10 @@ class ClipDataset(Dataset):
     def reseed(self, seed: int) -> None:
         """Restarts the clip sampler (random start, crop, flip) from ``seed``.
 
-        Called at the start of every training run, so that a run's clips depend
-        on its seed only, not on what another run drew from the same dataset
-        first: the baseline trained after the hallucination model by
-        ``hallucinate train`` sees the clips it would see trained alone.
+        For items read by index (``ds[i]``, a loader without ``SeededOrder``,
+        each of whose workers is reseeded). Training's shuffled loader seeds
+        every clip from its own draw instead, so a run's clips depend on its
+        seed alone, not on what another run drew from the same dataset first.
         """
         self.rng = np.random.default_rng(seed)
 

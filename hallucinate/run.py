@@ -157,7 +157,6 @@ def train_model(
 ) -> Trainer:
     """Trains one model (the hallucination model, or the baseline when ``streams`` is empty)."""
     seed_everything(seed)
-    splits.train.reseed(seed)
     model = options.build(streams, num_classes, clip, seed)
     loss = None
     if streams:
