@@ -67,12 +67,14 @@ MOTION_FPS = 15.0
 # was trained at 30 frames/s: set options.pose.skeleton.fps=30 for it.
 DETECTION_FPS = 5.0
 
-# What an extractor runs, as ``hallucinate extractors`` and the README say:
-# a pretrained model that ships with an installed package (it runs on a
-# fresh machine), a heuristic (signal processing, no learnt weights), a
-# model that needs a checkpoint (random weights until one is given), or a
-# descriptor derived from another extractor's stored output.
-WEIGHTS_KINDS = ("pretrained", "heuristic", "checkpoint", "derived")
+# What an extractor runs, as ``hallucinate extractors`` and the README say it.
+# Pretrained models ship inside an installed package, so they run on a fresh machine.
+WEIGHTS_KINDS = {
+    "pretrained": "a pretrained model that ships with an installed package",
+    "heuristic": "a heuristic (no learnt weights)",
+    "checkpoint": "random weights until given a checkpoint",
+    "derived": "another extractor's stored output",
+}
 
 
 # The flag of a video too short for an extractor (flow needs two frames): a named,

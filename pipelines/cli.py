@@ -401,21 +401,16 @@ def cmd_inspect(cfg: InspectConfig) -> int:
 
 def cmd_extractors(_: Any) -> int:
     from extractors import default_extractors, get_extractor_class, list_extractors
+    from extractors.base import WEIGHTS_KINDS
 
     defaults = set(default_extractors())
-    runs = {
-        "pretrained": "a pretrained model that ships with an installed package",
-        "heuristic": "a heuristic (no learnt weights)",
-        "checkpoint": "random weights until given a checkpoint",
-        "derived": "another extractor's stored output",
-    }
     for name in list_extractors():
         ex = get_extractor_class(name)()
         outs = ", ".join(f"{k}{list(v.shape)}" for k, v in ex.produces().items())
         mark = " (default)" if name in defaults else ""
         print(f"{name}{mark}  v{ex.version}  -> {outs}")
         print(f"    {(type(ex).__doc__ or '').strip().splitlines()[0] if type(ex).__doc__ else ''}")
-        print(f"    runs: {runs[ex.weights]}")
+        print(f"    runs: {WEIGHTS_KINDS[ex.weights]}")
     return 0
 
 
