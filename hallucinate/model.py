@@ -379,7 +379,7 @@ class HallucinationNet(nn.Module):
         at most 2,000 videos on large sets: ``hallucinate.run.target_statistics``)."""
         for name, (mean, std) in stats.items():
             getattr(self, f"gt_mean__{_key(name)}").copy_(mean)
-            getattr(self, f"gt_std__{_key(name)}").copy_(std.clamp(min=1e-6))
+            getattr(self, f"gt_std__{_key(name)}").copy_(robust_scale(mean, std))
 
     def target(self, gt: dict[str, torch.Tensor]) -> torch.Tensor:
         """Ground truth in the streams' space: standardise, ℓ2-normalise, PN, then sketch.
@@ -389,12 +389,14 @@ class HallucinationNet(nn.Module):
         coordinate would saturate, giving sketched targets far outside what a
         power-normalised stream output can reach. Standardising with
         training-set statistics (buffers, so the oracle and exported model use
-        the same) and ℓ2-normalising puts every family on the paper's footing.
+        the same; ``robust_scale`` for coordinates that barely vary) and
+        ℓ2-normalising puts every family on the paper's footing.
         """
         out = []
         for s in self.streams:
             k = _key(s.name)
             z = (gt[s.name] - getattr(self, f"gt_mean__{k}")) / getattr(self, f"gt_std__{k}")
+            z = z.clamp(-Z_CLIP, Z_CLIP)  # see robust_scale
             z = z / (z.norm(dim=-1, keepdim=True) + 1e-8)
             g = self.power_norm(z)
             # A count sketch keeps the norm, and ‖g(z)‖ grows with the descriptor's
@@ -421,6 +423,36 @@ class HallucinationNet(nn.Module):
         true = self.target(gt)
         m = mask[..., None].to(hal.dtype)
         return self.classify(x_rgb, m * true + (1 - m) * hal)
+
+
+# Standardised target coordinates are clipped here: 10 standard deviations is far in the tail
+# of anything the training set showed (see robust_scale).
+Z_CLIP = 10.0
+# A coordinate's spread is floored at this share of the stream's median spread.
+SCALE_FLOOR = 0.1
+
+
+def robust_scale(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The divisor that standardises a descriptor: its training-set std, made safe for held-out videos.
+
+    Why: sparse real descriptors have coordinates that never (or once) vary
+    over the training videos: a detector class slot no training clip showed,
+    a hand seen in one video. With the std clamped at 1e-6, a held-out video
+    with a value there got z up to 9e5 (odf.hands on the fight-detection set),
+    so after l2-normalisation its target was a one-coordinate spike that no
+    head can predict: half the held-out hands targets had over half their
+    energy in one coordinate, and the test R² and oracle were meaningless.
+    Now a constant coordinate (std within rounding of 0) gets an infinite
+    divisor, so z = 0 there: the training set taught nothing about it. Every
+    other std is floored at ``SCALE_FLOOR`` times the stream's median std,
+    and ``target`` clips z at ``Z_CLIP``; together they keep held-out targets
+    shaped like the training ones (largest coordinate 2-5% of the energy).
+    """
+    constant = std <= 1e-6 * (1 + mean.abs())
+    if bool(constant.all()):
+        return torch.full_like(std, math.inf)
+    floor = SCALE_FLOOR * std[~constant].median()
+    return torch.where(constant, torch.full_like(std, math.inf), std.clamp(min=float(floor)))
 
 
 # Root-mean-square of a sketched target coordinate: well inside what a

@@ -443,9 +443,9 @@ def run_commands(
     return [train, evaluate]
 
 
-def execute(run: StudyRun, study: Path, common: Sequence[str], workers: int, log=print) -> tuple[bool, float]:
-    """Trains and evaluates one run in child processes (their output in the run's study.log)."""
-    import os
+def execute(run: StudyRun, study: Path, common: Sequence[str], threads: int, log=print) -> tuple[bool, float]:
+    """Trains and evaluates one run in child processes (their output in the run's study.log),
+    with ``threads`` torch threads unless ``common`` sets them."""
     import subprocess
     import time
 
@@ -459,7 +459,6 @@ def execute(run: StudyRun, study: Path, common: Sequence[str], workers: int, log
             return False, 0.0
         streams = json.loads(main_eval.read_text())["streams"]
     commands = run_commands(run, study, common, streams)
-    threads = max(1, (os.cpu_count() or 1) // workers)
     if not any(a.startswith("threads=") for a in common):
         commands[0].append(f"threads={threads}")
     start = time.perf_counter()
@@ -470,3 +469,26 @@ def execute(run: StudyRun, study: Path, common: Sequence[str], workers: int, log
                 log(f"study: {where.name} failed (exit {code}); see {where / 'study.log'}")
                 return False, time.perf_counter() - start
     return True, time.perf_counter() - start
+
+
+def execute_on_worker(
+    run: StudyRun, study: Path, common: Sequence[str]
+) -> tuple[bool, float, list[str], str]:
+    """``execute`` as a dask task: (ok, seconds, messages, where it ran).
+
+    Why a task and not a job script per run: a study is embarrassingly
+    parallel, and the cluster the extraction already uses (an existing
+    scheduler, or SLURM/PBS through dask-jobqueue) places, retries and
+    tears down workers for us. The run gets the worker's own thread count,
+    and its messages come back to the client, which prints them; the study
+    and store must be on a filesystem the workers share, as the extraction's
+    store must.
+    """
+    import os
+    import socket
+
+    from distributed import get_worker
+
+    messages: list[str] = []
+    ok, seconds = execute(run, study, common, get_worker().state.nthreads, messages.append)
+    return ok, seconds, messages, f"{socket.gethostname()} pid {os.getpid()}"

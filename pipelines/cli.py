@@ -199,7 +199,12 @@ class StudyConfig(RunLocation):
     variants: list[str] = field(default_factory=lambda: ["baseline", "hallucinated", "control", "oracle"])
     study: str | None = None  # the study directory; default studies/<dataset>
     train: dict[str, Any] = field(default_factory=dict)  # train.<key>=value for every run
-    workers: int = 1  # training runs at a time, each in its own processes
+    workers: int = 1  # training runs at a time, each in its own processes (dask: workers started)
+    # Each run a task on a dask cluster instead of a local process, as for extract: an
+    # existing scheduler, or workers started as batch jobs (cluster=slurm, jobqueue.*).
+    scheduler: str | None = None
+    cluster: str = "local"
+    jobqueue: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -891,6 +896,43 @@ def _dotted(mapping: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
+def _study_on_dask(cfg: StudyConfig, waves, study: Path, common: list[str], log, record) -> None:
+    """Each run a dask task on the extraction's kind of cluster, results taken as they finish."""
+    from distributed import as_completed
+
+    from hallucinate.study import execute_on_worker
+    from pipelines.orchestrate import ClusterOptions, open_client
+
+    options = ClusterOptions(cfg.workers, cfg.scheduler, cfg.cluster, dict(cfg.jobqueue))
+    with open_client(options) as client:
+        for wave in waves:
+            futures = {
+                client.submit(
+                    execute_on_worker,
+                    run,
+                    study,
+                    common,
+                    pure=False,
+                    key=f"study-{run.group}-s{run.seed}-{os.getpid()}",
+                ): run
+                for run in wave
+            }
+            for future in as_completed(futures):
+                run = futures[future]
+                try:
+                    ok, seconds, messages, where = future.result()
+                except Exception as err:  # a worker lost (preempted job): the run resumes on the next study
+                    ok, seconds, messages, where = (
+                        False,
+                        0.0,
+                        [f"study: {run.directory(study).name}: {err}"],
+                        "",
+                    )
+                for message in messages:
+                    log(message)
+                record(run, ok, seconds, where)
+
+
 def cmd_study(cfg: StudyConfig) -> int:
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -915,7 +957,12 @@ def cmd_study(cfg: StudyConfig) -> int:
         )
     study = Path(cfg.study) if cfg.study else Path("studies") / Path(cfg.dataset).stem
     study.mkdir(parents=True, exist_ok=True)
-    common = [f"dataset={cfg.dataset}", f"data_root={cfg.data_root}", f"features={store}"]
+    on_dask = bool(cfg.scheduler) or cfg.cluster != "local"
+    dataset, data_root = cfg.dataset, cfg.data_root
+    if on_dask:  # a worker's working directory is not ours: every path absolute
+        study, store, data_root = study.resolve(), store.resolve(), str(Path(data_root).resolve())
+        dataset = str(Path(dataset).resolve()) if Path(dataset).is_file() else dataset
+    common = [f"dataset={dataset}", f"data_root={data_root}", f"features={store}"]
     common += [f"definition.{k}" for k in _dotted(cfg.definition)]
     common += [f"video_root={cfg.video_root}"] if cfg.video_root else []
     common += _dotted(cfg.train)
@@ -923,7 +970,8 @@ def cmd_study(cfg: StudyConfig) -> int:
     todo = [r for r in runs if not finished(r.directory(study))]
     print(
         f"study {study}: {len(variants)} variants x {len(seeds)} seeds = {len(runs)} runs, "
-        f"{len(runs) - len(todo)} finished before, {len(todo)} to run, {cfg.workers} at a time",
+        f"{len(runs) - len(todo)} finished before, {len(todo)} to run, "
+        + (f"as tasks on {cfg.scheduler or cfg.cluster}" if on_dask else f"{cfg.workers} at a time"),
         file=sys.stderr,
     )
     timings: dict[str, float] = {}
@@ -932,19 +980,28 @@ def cmd_study(cfg: StudyConfig) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr)
 
-    def one(run) -> None:
-        ok, seconds = execute(run, study, common, cfg.workers, log)
+    def record(run, ok: bool, seconds: float, where: str = "") -> None:
         name = run.directory(study).name
         timings[name] = seconds
         if ok:
-            log(f"study: {name} done in {seconds:.0f} s")
+            log(f"study: {name} done in {seconds:.0f} s" + (f" on {where}" if where else ""))
         else:
             failed.append(name)
 
+    # main runs first: drop variants read their streams
+    waves = [[r for r in todo if r.group == MAIN], [r for r in todo if r.group != MAIN]]
     started = time.perf_counter()
-    with ThreadPoolExecutor(cfg.workers) as pool:  # main runs first: drop variants read their streams
-        list(pool.map(one, [r for r in todo if r.group == MAIN]))
-        list(pool.map(one, [r for r in todo if r.group != MAIN]))
+    if on_dask:
+        _study_on_dask(cfg, waves, study, common, log, record)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+
+        def one(run) -> None:
+            record(run, *execute(run, study, common, threads, log))
+
+        with ThreadPoolExecutor(cfg.workers) as pool:
+            for wave in waves:
+                list(pool.map(one, wave))
     timings["study (wall)"] = time.perf_counter() - started
     command = " ".join(
         ["hallucinate study", f"dataset={cfg.dataset}", f"features={store}", f"study={study}"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -145,3 +146,31 @@ def test_a_small_study_reports_its_runs_and_resumes(tiny_demo_root, tmp_path, ca
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "5 finished before, 1 to run" in err and "control-s1 done" in err
+
+
+def test_a_study_runs_its_runs_as_tasks_on_an_existing_dask_scheduler(tiny_demo_root, tmp_path, capsys):
+    """``scheduler=``: each run is a task on that cluster's workers (another process, which
+    reports its pid), with absolute paths, since a worker's working directory is not ours."""
+    from distributed import Client, LocalCluster
+
+    store, study = tmp_path / "store", tmp_path / "study"
+    extract = ["extract", f"data_root={tiny_demo_root}", f"out={store}", "workers=0", "progress=false"]
+    assert main([*extract, "extractors=audio.logmel"]) == 0
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            (worker_pid,) = client.run(os.getpid).values()
+        args = ["study", f"data_root={tiny_demo_root}", f"features={store}", f"study={study}", "seeds=0-1"]
+        args += ["variants=baseline,hal", f"scheduler={cluster.scheduler_address}"]
+        for key in ("frames=8", "size=32", "short_side=36", "epochs=1", "batch_size=8", "hidden=16", "d=8"):
+            args.append(f"train.{key}")
+        args += ["train.backbone_options.width=4", "train.export=false"]
+        capsys.readouterr()
+        assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"as tasks on {cluster.scheduler_address}" in err
+    for seed in (0, 1):
+        assert f"main-s{seed} done in" in err
+        assert (study / "runs" / f"main-s{seed}" / "evaluation.json").is_file()
+    assert err.count(f"pid {worker_pid}") == 2  # both ran on the worker, not here
+    report = json.loads((study / "report.json").read_text())
+    assert set(report["variants"]) == {"baseline", "hallucinated"}

@@ -1,5 +1,6 @@
 """Trainer, model, backbones and data, on tiny inputs (CPU, seconds)."""
 
+import math
 import warnings
 
 import numpy as np
@@ -633,6 +634,39 @@ def test_target_standardises_normalises_then_sketches(tmp_path):
         torch.testing.assert_close(got[:, i], want)
     # in range of what a power-normalised stream output can reach
     assert got.abs().max() < 3
+
+
+def test_target_of_a_held_out_video_is_not_a_spike_where_training_never_varied(tmp_path):
+    """A detector slot no training video filled, or one video filled, must not
+    turn a held-out video's target into one huge coordinate (it did: z = 9e5)."""
+    from hallucinate.model import Z_CLIP, robust_scale
+
+    t = make(tmp_path=tmp_path)
+    m = t.model
+    rng = torch.Generator().manual_seed(0)
+    stats, held_out = {}, {}
+    for s in STREAMS:
+        train = torch.randn(40, s.dim, generator=rng)
+        train[:, 0] = 0.0  # never varies in training
+        train[:, 1] = 0.0
+        train[0, 1] = 1e-3  # varies in one training video, by a little
+        stats[s.name] = (train.mean(0), train.std(0, unbiased=False))
+        video = torch.randn(1, s.dim, generator=rng)
+        video[0, 0], video[0, 1] = 5.0, 5.0
+        held_out[s.name] = video
+    m.set_target_statistics(stats)
+    scale = robust_scale(*stats[STREAMS[0].name])
+    assert torch.isinf(scale[0]) and scale[1] >= 0.05  # dropped; floored near the typical spread of 1
+    assert torch.equal(robust_scale(torch.zeros(3), torch.zeros(3)), torch.full((3,), math.inf))
+    z = m.target(held_out)
+    for i, s in enumerate(STREAMS):
+        assert torch.isfinite(z[:, i]).all()
+        k = s.name.replace(".", "__").replace("/", "--")
+        std = getattr(m, f"gt_std__{k}")
+        zed = ((held_out[s.name] - getattr(m, f"gt_mean__{k}")) / std).clamp(-Z_CLIP, Z_CLIP)
+        # without the fix: z = 5e6 in coordinate 0 and 3e4 in coordinate 1, the whole target
+        assert zed[0, 0] == 0 and zed[0, 1] == Z_CLIP and zed.abs().max() <= Z_CLIP
+    assert z.abs().max() < 3  # as a training video's target: in reach of a stream's output
 
 
 def test_multilabel_training_uses_bce_and_reports_map(tmp_path):
