@@ -164,6 +164,10 @@ class StreamHeads(nn.Module):
         self.load_state_dict(_stack_heads([h.state_dict() for h in heads], kind))
         self._register_load_state_dict_pre_hook(self._convert_per_head_checkpoint)
 
+    def output_parameters(self) -> list[nn.Parameter]:
+        """The last layer's weights and biases (``Schedule.head_out_lr``)."""
+        return [self.last, self.bias]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b = len(self.keys), x.shape[0]
         if self.kind == "fc":

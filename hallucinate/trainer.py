@@ -90,6 +90,8 @@ class Schedule:
     # On a GPU with tensor cores they roughly halve activation memory and step time;
     # bf16 needs no loss scaling but an Ampere or newer GPU.
     precision: str = "fp32"
+    # The streams' last layers learn at this multiple of lr (see Trainer.__init__).
+    head_out_lr: float = 1.0
 
     def __post_init__(self) -> None:
         """Names a bad mode or precision when the schedule is built, before any video
@@ -183,16 +185,32 @@ class Trainer:
             return torch.optim.Adam(params, lr=lr, weight_decay=schedule.weight_decay, fused=fused)
 
         loss_params = list(hal_loss.parameters()) if hal_loss is not None else []
+        # The heads' last layers feed power normalisation, whose gain at 0 is about 19
+        # (AsinhE, γ′ = 100). Adam moves every weight by about lr per step whatever the
+        # gradient, so from their zero start a few steps at lr push the streams' outputs
+        # into PN's flat tails, where the regression loss is about twice that of
+        # predicting 0 (60 against 32 in epoch 1 on fight-detection) and its gradient
+        # is small. head_out_lr < 1 slows those layers alone.
+        split = model.streams and schedule.head_out_lr != 1.0  # one group, as before, at 1
+        out = {id(p) for p in model.heads.output_parameters()} if split else set()
+        slow = [p for p in model.parameters() if id(p) in out]
+        rest = [p for p in model.parameters() if id(p) not in out]
+        slow_lr = schedule.head_out_lr * schedule.lr
+
+        def groups(params, extra=()):
+            kept = [p for p in params if id(p) not in out]
+            return [g for g in ({"params": kept + list(extra)}, {"params": slow, "lr": slow_lr}) if g["params"]]
+
         if schedule.mode == "joint":
-            self.optimizers = {"cls": adam(list(model.parameters()) + loss_params)}
+            self.optimizers = {"cls": adam(groups(rest, loss_params))}
         else:
-            self.optimizers = {"cls": adam(model.parameters())}
+            self.optimizers = {"cls": adam(groups(rest))}
             if model.streams and hal_loss is not None:  # loss=none, the control, has no step (a)
                 # Adam's steps do not depend on the loss scale, so alpha weights the
                 # hallucination loss through the backbone's learning rate instead.
                 self.optimizers["hal"] = adam(
                     [
-                        {"params": list(model.heads.parameters()) + loss_params},
+                        *groups(model.heads.parameters(), loss_params),
                         {"params": list(model.backbone.parameters()), "lr": schedule.alpha * schedule.lr},
                     ]
                 )

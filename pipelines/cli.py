@@ -167,6 +167,7 @@ class TrainConfig(RunLocation):
     lr: float | None = None
     lr_step: int = 10
     warmup: int = 0  # epochs of linear learning-rate warm-up
+    head_out_lr: float = 1.0  # the streams' last layers learn at this multiple of lr
     weight_decay: float = 0.0
     hal_updates_backbone: bool = True
     schedule: str = "alternating"  # the paper's two updates per iteration, or "joint" (one, cheaper)
@@ -597,6 +598,7 @@ def cmd_train(cfg: TrainConfig) -> int:
             cfg.beta_warmup,
             warmup=cfg.warmup,
             precision=cfg.precision,
+            head_out_lr=cfg.head_out_lr,
         )
     except ValueError as err:
         raise ConfigError(f"schedule={cfg.schedule} precision={cfg.precision}: {err}") from err
