@@ -199,7 +199,8 @@ class Trainer:
 
         def groups(params, extra=()):
             kept = [p for p in params if id(p) not in out]
-            return [g for g in ({"params": kept + list(extra)}, {"params": slow, "lr": slow_lr}) if g["params"]]
+            both = ({"params": kept + list(extra)}, {"params": slow, "lr": slow_lr})
+            return [g for g in both if g["params"]]
 
         if schedule.mode == "joint":
             self.optimizers = {"cls": adam(groups(rest, loss_params))}
