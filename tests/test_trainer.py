@@ -941,3 +941,25 @@ def test_clips_of_videos_shorter_than_the_clip_loop_and_are_counted(tiny_demo_ro
     assert torch.equal(item["clip"][:, 32], item["clip"][:, 0])  # the wrap: frame 32 is frame 0 again
     short = ClipDataset(records, 6, ClipSpec(frames=8, size=32, short_side=36), train=False, preload=True)
     assert short.short_videos == 0 and not short[0]["looped"]
+
+
+@pytest.mark.parametrize("mode", ["alternating", "joint"])
+def test_head_out_lr_slows_the_streams_last_layers_alone(tmp_path, mode):
+    """Every optimiser that updates the heads' last layer does it at head_out_lr·lr, every
+    other tensor keeps its rate, and no tensor is in two groups of one optimiser."""
+    t = make(tmp_path=tmp_path, mode=mode, alpha=0.5, head_out_lr=0.1)
+    last = {id(p) for p in t.model.heads.output_parameters()}
+    for name, optimizer in t.optimizers.items():
+        ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
+        assert len(ids) == len(set(ids)), name
+        for g in optimizer.param_groups:
+            mine = {id(p) for p in g["params"]} & last
+            if mine:
+                assert mine == last and g["lr"] == pytest.approx(1e-3), name
+            else:
+                assert g["lr"] in (pytest.approx(1e-2), pytest.approx(5e-3)), name
+        assert last <= set(ids), name
+    # at 1, the groups are the ones training always had
+    assert [len(o.param_groups) for o in make(tmp_path=tmp_path, mode=mode).optimizers.values()] == (
+        [1] if mode == "joint" else [1, 2]
+    )
