@@ -110,7 +110,7 @@ STUDY_TRAIN_ARGS ?= $(if $(filter demo,$(DATASET)),$(DEMO_TRAIN_ARGS))
 study: install
 	$(HALLUCINATE) study dataset=$(DATASET) seeds=$(SEEDS) variants=$(VARIANTS) \
 		$(if $(OUT),features=$(OUT)) $(if $(DATA_ROOT),data_root=$(DATA_ROOT)) \
-		$(addprefix train.,$(STUDY_TRAIN_ARGS)) $(ARGS)
+		$(if $(filter demo,$(DATASET)),readme=README.md) $(addprefix train.,$(STUDY_TRAIN_ARGS)) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -305,6 +305,43 @@ def report_markdown(report: Mapping[str, Any], command: str, timings: Mapping[st
     return "\n".join(lines)
 
 
+def summary_table(report: Mapping[str, Any]) -> str:
+    """The short table a front page shows: each variant's mean ± std (range), paired with the baseline."""
+    metric, versus = report["metric"], report["versus"].get("baseline", {})
+    lines = [f"| variant | test {metric}, mean ± std (range) | paired with the baseline |", "|---|---|---|"]
+    for name, entry in report["variants"].items():
+        s = entry.get(metric)
+        if not s:
+            continue
+        d = versus.get(name)
+        pair = (
+            f"{d['mean_diff']:+.3f}, {d['won']} of {d['n']} seeds won, t-test p = {_fmt(d['t_p'])}"
+            if d
+            else ""
+        )
+        lines.append(
+            f"| {name} | {_fmt(s['mean'])} ± {_fmt(s['std'])} ({_fmt(s['min'])}-{_fmt(s['max'])}) | {pair} |"
+        )
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, name: str, table: str) -> bool:
+    """Puts ``table`` between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->`` in ``readme``.
+
+    Why: a front page's figures are typed by hand and go stale. The study
+    writes its own table there instead; a README without the markers is left
+    alone (False), so a user's own README is never rewritten.
+    """
+    start, end = f"<!-- study:{name} -->", f"<!-- /study:{name} -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+    return True
+
+
 def plot_seeds(report: Mapping[str, Any], path: Path) -> None:
     """Each variant's seeds as dots, the same seed joined across variants."""
     import matplotlib

@@ -206,6 +206,9 @@ class StudyConfig(RunLocation):
     scheduler: str | None = None
     cluster: str = "local"
     jobqueue: dict[str, Any] = field(default_factory=dict)
+    # A markdown file whose <!-- study:NAME --> block (NAME: the study directory's name) gets the
+    # summary table; make study passes README.md, whose demo table is made this way.
+    readme: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -946,6 +949,8 @@ def cmd_study(cfg: StudyConfig) -> int:
         parse_seeds,
         parse_variants,
         plan_runs,
+        summary_table,
+        update_readme,
         write_report,
     )
 
@@ -1013,6 +1018,17 @@ def cmd_study(cfg: StudyConfig) -> int:
     report = write_report(study, variants, seeds, command, timings)
     for sentence in report["sentences"]:
         print(sentence)
+    if cfg.readme:
+        written = update_readme(Path(cfg.readme), study.name, summary_table(report))
+        print(
+            f"{cfg.readme}: the study:{study.name} table "
+            + (
+                "is updated"
+                if written
+                else f"is not there (no <!-- study:{study.name} --> block); left alone"
+            ),
+            file=sys.stderr,
+        )
     print(f"report: {study / 'report.md'} (and report.json, seeds.png, quality.png, curves.png)")
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}; re-run the same command to resume them")

@@ -68,6 +68,26 @@ def test_report_compares_with_baseline_and_control_and_says_if_inside_the_spread
     assert "outside the 0.100 range" in wide["sentences"][0]
 
 
+def test_the_readme_table_is_the_reports_and_only_a_marked_block_is_rewritten(tmp_path):
+    from hallucinate.study import summary_table, update_readme
+
+    table = summary_table(build_report({"baseline": BASELINE, "hallucinated": HALLUCINATED}))
+    rows = table.splitlines()
+    assert rows[2] == "| baseline | 0.650 ± 0.050 (0.600-0.700) |  |"
+    assert rows[3].startswith(
+        "| hallucinated | 0.693 ± 0.031 (0.660-0.720) | +0.043, 3 of 3 seeds won, t-test p = "
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\n<!-- study:demo -->\nold figures\n<!-- /study:demo -->\n\nMore.\n")
+    assert update_readme(readme, "demo", table)
+    assert readme.read_text() == f"# Title\n\n<!-- study:demo -->\n{table}\n<!-- /study:demo -->\n\nMore.\n"
+    assert update_readme(readme, "demo", table)  # idempotent
+    assert readme.read_text().count("<!-- study:demo -->") == 1
+    other = tmp_path / "MINE.md"
+    other.write_text("my own notes\n")
+    assert not update_readme(other, "demo", table) and other.read_text() == "my own notes\n"
+
+
 def test_variants_seeds_and_the_plan():
     variants = parse_variants(
         ["baseline", "hal", "oracle", "control", "drop:sdf.motion", "h64:hidden=64+d=32"]
