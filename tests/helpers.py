@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import errno
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ CALLS_ENV = "HALLUCINATE_TEST_CALLS"
 CRASH_ENV = "HALLUCINATE_TEST_CRASH"
 FAIL_ENV = "HALLUCINATE_TEST_FAIL"
 DISK_FULL_ENV = "HALLUCINATE_TEST_DISK_FULL"
+SLOW_ENV = "HALLUCINATE_TEST_SLOW"  # seconds test.frame_stats sleeps per video, to kill workers mid-run
 
 
 @dataclass
@@ -65,6 +67,8 @@ class FrameStats(Extractor):
             raise RuntimeError(f"planted failure on {video.video_id}")
         if _marked(DISK_FULL_ENV, video.video_id):
             raise OSError(errno.ENOSPC, "No space left on device")
+        if os.environ.get(SLOW_ENV):
+            time.sleep(float(os.environ[SLOW_ENV]))
         means = [b.frames.reshape(len(b.frames), -1, 3).mean(1) for b in video.frames(self.needs().frames)]
         per_frame = np.concatenate(means).astype(np.float32)
         return Result({"per_frame": per_frame, "mean": per_frame.mean(0)})
@@ -148,6 +152,19 @@ class NeedsGpu(FrameStats):
     """A stage that declares a GPU, to test routing; it computes like frame_stats."""
 
     resources = Resources(gpus=1)
+
+
+@register("test.gpu_pid")
+class GpuPid(FrameStats):
+    """A stage that declares a GPU and stores the pid of the process that ran it: where it was placed."""
+
+    resources = Resources(gpus=1)
+
+    def produces(self) -> dict[str, OutputSpec]:
+        return {"pid": OutputSpec((1,), "int64")}
+
+    def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
+        return Result({"pid": np.array([os.getpid()], np.int64)})
 
 
 # ---------------------------------------------------------------- small deep models
