@@ -100,6 +100,16 @@ def test_slurm_cluster_uses_the_jobqueue_options():
     assert port and port != 8787
 
 
+def test_pbs_cluster_writes_the_job_script_of_the_docs_command():
+    """docs/clusters.md's PBS command: no PBS server runs here, so its job script is what is checked."""
+    options = ClusterOptions(
+        cluster="pbs", jobqueue={"cores": 8, "memory": "32GB", "queue": "workq", "walltime": "04:00:00"}
+    )
+    with jobqueue_cluster(options) as cluster:
+        script = cluster.job_script()
+    assert "#PBS -q workq" in script and "walltime=04:00:00" in script and "ncpus=8" in script
+
+
 def test_unknown_cluster_and_bad_jobqueue_options():
     with pytest.raises(ConfigError, match="local, slurm, pbs"):
         jobqueue_cluster(ClusterOptions(cluster="k8s"))
