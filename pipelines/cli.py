@@ -939,6 +939,7 @@ def _study_on_dask(cfg: StudyConfig, waves, study: Path, common: list[str], log,
 
 
 def cmd_study(cfg: StudyConfig) -> int:
+    import json
     import time
     from concurrent.futures import ThreadPoolExecutor
 
@@ -981,7 +982,10 @@ def cmd_study(cfg: StudyConfig) -> int:
         + (f"as tasks on {cfg.scheduler or cfg.cluster}" if on_dask else f"{cfg.workers} at a time"),
         file=sys.stderr,
     )
-    timings: dict[str, float] = {}
+    # Each run's seconds, kept across invocations: a study resumed or grown by a variant
+    # reports every run's time, not only those of its last invocation.
+    saved_timings = study / "timings.json"
+    timings: dict[str, float] = json.loads(saved_timings.read_text()) if saved_timings.is_file() else {}
     failed: list[str] = []
 
     def log(text: str) -> None:
@@ -1009,7 +1013,8 @@ def cmd_study(cfg: StudyConfig) -> int:
         with ThreadPoolExecutor(cfg.workers) as pool:
             for wave in waves:
                 list(pool.map(one, wave))
-    timings["study (wall)"] = time.perf_counter() - started
+    timings["study (wall, last invocation)"] = time.perf_counter() - started
+    saved_timings.write_text(json.dumps(timings, indent=1))
     command = " ".join(
         ["hallucinate study", f"dataset={cfg.dataset}", f"features={store}", f"study={study}"]
         + [f"seeds={cfg.seeds}", "variants=" + ",".join(cfg.variants), f"workers={cfg.workers}"]

@@ -166,6 +166,10 @@ def test_a_small_study_reports_its_runs_and_resumes(tiny_demo_root, tmp_path, ca
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "5 finished before, 1 to run" in err and "control-s1 done" in err
+    timings = json.loads((study / "report.json").read_text())["seconds"]
+    assert {f"{g}-s{s}" for g in ("main", "control", "drop-audio.logmel_pyramid") for s in (0, 1)} <= set(
+        timings
+    )
 
 
 def test_a_study_runs_its_runs_as_tasks_on_an_existing_dask_scheduler(tiny_demo_root, tmp_path, capsys):
