@@ -164,6 +164,7 @@ class GpuPid(FrameStats):
         return {"pid": OutputSpec((1,), "int64")}
 
     def process(self, video: VideoInput, inputs: Mapping[str, Result]) -> Result:
+        super().process(video, inputs)  # reads the video, so bad input fails here as everywhere
         return Result({"pid": np.array([os.getpid()], np.int64)})
 
 

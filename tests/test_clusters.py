@@ -127,8 +127,9 @@ def test_extraction_through_sbatch_jobs_equals_a_local_run(
     assert main([*args, *slurm_args(slurm["state"])]) == 0
     assert_same_store(out, local_store)
     started = set(jobs_dir.glob("*.err")) - before
-    assert len(started) == 2  # two worker jobs ran, each with its own batch log
-    assert any("Registered to" in f.read_text() for f in started)
+    # The work ran in batch jobs (a job's log exists once it starts; on a busy machine the
+    # first job can finish the 30 clips before the second starts, so at least one).
+    assert started and any("Registered to" in f.read_text() for f in started)
 
 
 def test_a_worker_job_cancelled_mid_shard_loses_nothing(
@@ -136,7 +137,7 @@ def test_a_worker_job_cancelled_mid_shard_loses_nothing(
 ):
     """``scancel`` one of two worker jobs once shards are being written: dask moves its
     shard to the other worker, finished results stay, and the store ends equal to a local run's."""
-    env = {**os.environ, "SLURM_CONF": slurm["SLURM_CONF"], SLOW_ENV: "0.4", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "SLURM_CONF": slurm["SLURM_CONF"], SLOW_ENV: "1.0", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "store"
     args = extract_args(tiny_demo_root, out, "extractors=test.frame_stats,audio.logmel", "shard_size=3")
     command = [*CLI, *args, *slurm_args(slurm["state"])]
