@@ -192,20 +192,22 @@ class Trainer:
         # predicting 0 (60 against 32 in epoch 1 on fight-detection) and its gradient
         # is small. head_out_lr < 1 slows those layers alone.
         split = model.streams and schedule.head_out_lr != 1.0  # one group, as before, at 1
-        out = {id(p) for p in model.heads.output_parameters()} if split else set()
-        slow = [p for p in model.parameters() if id(p) in out]
-        rest = [p for p in model.parameters() if id(p) not in out]
-        slow_lr = schedule.head_out_lr * schedule.lr
+        slow = model.heads.output_parameters() if split else []
+        out = {id(p) for p in slow}
 
         def groups(params, extra=()):
+            """``params`` (and ``extra``) at lr, the heads' last layers apart at head_out_lr·lr."""
             kept = [p for p in params if id(p) not in out]
-            both = ({"params": kept + list(extra)}, {"params": slow, "lr": slow_lr})
+            both = (
+                {"params": kept + list(extra)},
+                {"params": slow, "lr": schedule.head_out_lr * schedule.lr},
+            )
             return [g for g in both if g["params"]]
 
         if schedule.mode == "joint":
-            self.optimizers = {"cls": adam(groups(rest, loss_params))}
+            self.optimizers = {"cls": adam(groups(model.parameters(), loss_params))}
         else:
-            self.optimizers = {"cls": adam(groups(rest))}
+            self.optimizers = {"cls": adam(groups(model.parameters()))}
             if model.streams and hal_loss is not None:  # loss=none, the control, has no step (a)
                 # Adam's steps do not depend on the loss scale, so alpha weights the
                 # hallucination loss through the backbone's learning rate instead.
